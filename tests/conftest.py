@@ -1,0 +1,20 @@
+"""Test-wide setup: Keras 2 before TensorFlow, quiet logs, shared data paths."""
+
+import os
+
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pathlib
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+CIFAR_DIR = REPO_ROOT.parent / "shared" / "data" / "cifar10"
+
+
+@pytest.fixture(scope="session")
+def cifar_dir() -> pathlib.Path:
+    if not CIFAR_DIR.is_dir():
+        pytest.skip(f"CIFAR-10 class folders not found at {CIFAR_DIR}")
+    return CIFAR_DIR
