@@ -1,0 +1,181 @@
+"""tf.data input pipelines over Transform's output: decode, augment per step, batch, prefetch.
+
+Augmentation lives here, not in Transform, so every step sees fresh random views.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from models import augment
+from transform import preprocessing as tp
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How images are stored by Transform and what size the model sees."""
+
+    stored_size: int
+    image_format: str
+    image_size: int
+
+
+def _record_dataset(files: Sequence[str] | str, shuffle: bool, seed: int) -> tf.data.Dataset:
+    pattern = [files] if isinstance(files, str) else list(files)
+    file_list = sorted({f for p in pattern for f in tf.io.gfile.glob(p)})
+    if not file_list:
+        raise ValueError(f"no transformed examples found at {pattern}")
+    ds = tf.data.Dataset.from_tensor_slices(file_list)
+    if shuffle:
+        ds = ds.shuffle(len(file_list), seed=seed, reshuffle_each_iteration=True)
+    return ds.interleave(
+        lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP"),
+        cycle_length=min(8, len(file_list)),
+        num_parallel_calls=AUTOTUNE,
+        deterministic=True,
+    )
+
+
+def _parse(spec: ImageSpec) -> Callable:
+    features = {
+        tp.IMAGE_KEY: tf.io.FixedLenFeature([], tf.string),
+        tp.LABEL_KEY: tf.io.FixedLenFeature([], tf.int64),
+        tp.KEY_KEY: tf.io.FixedLenFeature([], tf.string),
+    }
+
+    def parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+        ex = tf.io.parse_single_example(serialized, features)
+        image = tp.decode_stored_image(ex[tp.IMAGE_KEY], spec.stored_size, spec.image_format)
+        return {"image": image, "label": ex[tp.LABEL_KEY], "key": ex[tp.KEY_KEY]}
+
+    return parse
+
+
+def read_labels_and_keys(files: Sequence[str] | str) -> tuple[np.ndarray, np.ndarray]:
+    """All (label, key) pairs of a split, without decoding images: counts and label fractions."""
+    features = {
+        tp.LABEL_KEY: tf.io.FixedLenFeature([], tf.int64),
+        tp.KEY_KEY: tf.io.FixedLenFeature([], tf.string),
+    }
+    ds = (
+        _record_dataset(files, shuffle=False, seed=0)
+        .batch(4096)
+        .map(lambda s: tf.io.parse_example(s, features), num_parallel_calls=AUTOTUNE)
+    )
+    labels, keys = [], []
+    for batch in ds.as_numpy_iterator():
+        labels.append(batch[tp.LABEL_KEY])
+        keys.append(batch[tp.KEY_KEY])
+    if not labels:
+        return np.zeros([0], np.int64), np.zeros([0], object)
+    return np.concatenate(labels), np.concatenate(keys)
+
+
+def select_label_fraction(
+    labels: np.ndarray, keys: np.ndarray, fraction: float, seed: int
+) -> np.ndarray:
+    """Keys of a stratified, seeded subset: round(fraction * n_c) (at least 1) per class c.
+
+    The order within a class comes from a hash of (seed, key), so the subset depends only on
+    the data and the seed, not on file order or the number of workers.
+    """
+    if fraction >= 1.0:
+        return keys
+    chosen = []
+    for label in np.unique(labels):
+        class_keys = keys[labels == label]
+        ranked = sorted(
+            class_keys,
+            key=lambda k: hashlib.sha256(f"{seed}:".encode() + bytes(k)).hexdigest(),
+        )
+        count = max(1, int(round(fraction * len(class_keys))))
+        chosen.extend(ranked[:count])
+    return np.array(chosen, dtype=object)
+
+
+def _keep_only(keys: np.ndarray) -> Callable[[dict], tf.Tensor]:
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(
+            tf.constant(list(keys), tf.string), tf.ones([len(keys)], tf.int64)
+        ),
+        default_value=0,
+    )
+    return lambda ex: tf.equal(table.lookup(ex["key"]), 1)
+
+
+def train_dataset(
+    files: Sequence[str] | str,
+    spec: ImageSpec,
+    batch_size: int,
+    *,
+    contrastive: bool,
+    color_jitter_strength: float,
+    color_jitter_impl: str,
+    use_blur: bool,
+    seed: int,
+    skip_examples: int = 0,
+    keep_keys: np.ndarray | None = None,
+    cache: bool = False,
+    shard: tuple[int, int] = (1, 0),
+) -> tf.data.Dataset:
+    """Endless shuffled batches for one replica.
+
+    contrastive=True yields (view1, view2, label) with two independent SimCLR views; otherwise
+    (image, label) with crop+flip only, as the reference fine-tunes. `skip_examples` resumes the
+    deterministic record order after a restart without decoding the skipped records. `shard`
+    is (number of input pipelines, this pipeline's index) for multi-worker training.
+    """
+    ds = _record_dataset(files, shuffle=True, seed=seed)
+    if shard[0] > 1:
+        ds = ds.shard(*shard)
+    if cache:
+        ds = ds.cache()
+    ds = ds.shuffle(10_000, seed=seed, reshuffle_each_iteration=True).repeat()
+    if skip_examples:
+        ds = ds.skip(skip_examples)
+    ds = ds.map(_parse(spec), num_parallel_calls=AUTOTUNE)
+    if keep_keys is not None:
+        ds = ds.filter(_keep_only(keep_keys))
+
+    def view(image: tf.Tensor) -> tf.Tensor:
+        return augment.preprocess_for_train(
+            image,
+            spec.image_size,
+            color_distort=contrastive,
+            color_jitter_strength=color_jitter_strength,
+            color_jitter_impl=color_jitter_impl,
+            use_blur=use_blur and contrastive,
+        )
+
+    if contrastive:
+        ds = ds.map(
+            lambda ex: (view(ex["image"]), view(ex["image"]), ex["label"]),
+            num_parallel_calls=AUTOTUNE,
+        )
+    else:
+        ds = ds.map(lambda ex: (view(ex["image"]), ex["label"]), num_parallel_calls=AUTOTUNE)
+    return ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+
+
+def eval_dataset(files: Sequence[str] | str, spec: ImageSpec, batch_size: int) -> tf.data.Dataset:
+    """One pass over a split in file order, center-cropped as at serving time."""
+    ds = _record_dataset(files, shuffle=False, seed=0).map(
+        _parse(spec), num_parallel_calls=AUTOTUNE
+    )
+    ds = ds.map(
+        lambda ex: (augment.preprocess_for_eval(ex["image"], spec.image_size), ex["label"]),
+        num_parallel_calls=AUTOTUNE,
+    )
+    return ds.batch(batch_size).prefetch(AUTOTUNE)
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    return max(1, math.floor(num_examples / batch_size))

@@ -1,0 +1,83 @@
+"""The SimCLR network: ResNet backbone + projection head + supervised (linear) head."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+import tf_keras as keras
+
+from models.heads import ProjectionHead, SupervisedHead
+from models.resnet import ResNet
+from pipeline.configs import ModelConfig
+
+ENDPOINTS = (
+    "initial_conv",
+    "initial_max_pool",
+    "block_group1",
+    "block_group2",
+    "block_group3",
+    "block_group4",
+    "final_avg_pool",
+    "proj_head_input",
+    "proj_head_output",
+    "logits_sup",
+)
+
+
+class SimCLRModel(keras.Model):
+    """Returns every endpoint the exported image signature serves, keyed by the reference's names.
+
+    In pretraining the supervised head reads stop_gradient features (online linear evaluation),
+    so it measures the representation without shaping it. In fine-tuning gradients flow from the
+    supervised head into the projection-head layers it reads and the unfrozen backbone blocks.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_classes: int,
+        image_size: int,
+        *,
+        pretraining: bool,
+        fine_tune_after_block: int = -1,
+        zero_init_logits_layer: bool = False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.pretraining = pretraining
+        self.ft_proj_selector = config.ft_proj_selector
+        self.resnet = ResNet(
+            depth=config.resnet_depth,
+            width_multiplier=config.width_multiplier,
+            cifar_stem=image_size <= 32,
+            sk_ratio=config.sk_ratio,
+            se_ratio=config.se_ratio,
+            batch_norm_decay=config.batch_norm_decay,
+            global_bn=config.global_bn,
+            fine_tune_after_block=-1 if pretraining else fine_tune_after_block,
+        )
+        self.projection_head = ProjectionHead(
+            mode=config.proj_head_mode,
+            out_dim=config.proj_out_dim,
+            num_layers=config.num_proj_layers,
+            batch_norm_decay=config.batch_norm_decay,
+            global_bn=config.global_bn,
+        )
+        self.supervised_head = SupervisedHead(num_classes, zero_init=zero_init_logits_layer)
+        self.num_classes = num_classes
+        self.image_size = image_size
+
+    def call(self, images: tf.Tensor, training: bool = False) -> dict[str, tf.Tensor]:
+        outputs = dict(self.resnet(images, training=training))
+        features = outputs["final_avg_pool"]
+        projection, hiddens = self.projection_head(features, training=training)
+        head_input = hiddens[self.ft_proj_selector]
+        if self.pretraining:
+            head_input = tf.stop_gradient(head_input)
+        outputs["proj_head_input"] = features
+        outputs["proj_head_output"] = projection
+        outputs["logits_sup"] = self.supervised_head(head_input, training=training)
+        return outputs
+
+    def build_for(self, batch: int = 1) -> None:
+        """Creates all variables with one forward pass on zeros (needed before restoring)."""
+        self(tf.zeros([batch, self.image_size, self.image_size, 3]), training=False)

@@ -1,0 +1,39 @@
+"""tf.distribute strategy and mixed-precision policy from the runtime config."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+import tf_keras as keras
+
+
+def make_strategy(name: str, tpu_name: str = "") -> tf.distribute.Strategy:
+    """'auto' picks MirroredStrategy when several GPUs are visible, else the default strategy."""
+    if name == "auto":
+        name = "mirrored" if len(tf.config.list_logical_devices("GPU")) > 1 else "default"
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu_name or None)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    raise ValueError(f"--strategy: unknown strategy {name!r}")
+
+
+def set_precision(dtype: str) -> None:
+    """Keras global policy; losses and softmax are computed in float32 by the train step."""
+    policy = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+    if dtype not in policy:
+        raise ValueError(f"--mixed_precision: unknown dtype {dtype!r}")
+    keras.mixed_precision.set_global_policy(policy[dtype])
+
+
+def wrap_optimizer(optimizer: keras.optimizers.Optimizer, dtype: str):
+    """float16 needs dynamic loss scaling to keep small gradients from underflowing."""
+    if dtype == "float16":
+        return keras.mixed_precision.LossScaleOptimizer(optimizer)
+    return optimizer

@@ -1,0 +1,519 @@
+"""The typed configuration tree: command line → pipeline → Trainer `custom_config` → `run_fn`.
+
+Every option is a dataclass field whose metadata names its command-line flag and says what it
+means, so `--help`, the docs table and the JSON handed to the Trainer all come from one place.
+Flag names follow google-research/simclr `tf2/run.py` wherever that option exists there.
+
+Defaults: a field's default is the reference's default. A dataset preset (`DATASET_PRESETS`)
+replaces defaults that make no sense for a dataset (e.g. image_size 32 for CIFAR-10), but never a
+value the user gave on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
+DATASETS = ("digits", "cifar10", "imagenet2012", "folder")
+TRAIN_MODES = ("pretrain", "finetune")
+OPTIMIZERS = ("lars", "momentum", "adam")
+STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
+
+
+def opt(default: Any, help: str, flag: str | None = None, choices: tuple | None = None) -> Any:
+    """A dataclass field carrying its flag name, help text and allowed values."""
+    meta = {"help": help, "flag": flag, "choices": choices}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class ConfigError(ValueError):
+    """An invalid option; the message is one line that names the flag."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = opt(
+        "digits",
+        "Dataset: 'digits' (embedded: scikit-learn's handwritten digits rendered as 32x32 PNG "
+        "class folders, no download), 'cifar10', 'imagenet2012', or 'folder' (any class-folder tree).",
+        choices=DATASETS,
+    )
+    data_dir: str = opt(
+        "",
+        "Dataset root: class folders <data_dir>/<split>/<class>/<image> or TFDS-style TFRecords "
+        "<data_dir>/<split>/*.tfrecord*. Required unless --dataset=digits.",
+    )
+    data_format: str = opt(
+        "auto",
+        "Input layout: 'folders', 'tfrecord', or 'auto' (detect from data_dir).",
+        choices=("auto", "folders", "tfrecord"),
+    )
+    train_split: str = opt("train", "Split for training.")
+    eval_split: str = opt(
+        "",
+        "Split for evaluation (TFMA and the Evaluator gate). Empty: 'test' if present, else "
+        "'validation'.",
+    )
+    labels_file: str = opt(
+        "", "Optional file with one class name per line (line i = class id i); default: sorted "
+        "class-folder names."
+    )
+    max_bad_fraction: float = opt(
+        0.01, "Fail ingestion when more than this fraction of a split's files are unreadable."
+    )
+    max_images_per_class: int = opt(
+        0, "Ingest only the first N files of each class folder (sorted by name); 0 = all."
+    )
+    image_size: int = opt(224, "Input image size (the model sees image_size x image_size).")
+    stored_image_size: int = opt(
+        0,
+        "Side of the square image Transform stores (resize shorter side + center crop). 0: "
+        "image_size for images <= 32 px, else 256 so random crops keep resolution.",
+    )
+    image_format: str = opt(
+        "raw",
+        "How Transform stores images: 'raw' (uint8 pixels) or 'jpeg' (re-encoded, for ImageNet).",
+        choices=("raw", "jpeg"),
+    )
+    cache_dataset: bool = opt(False, "Cache the decoded training set in memory (small datasets).")
+
+    @property
+    def stored_size(self) -> int:
+        if self.stored_image_size:
+            return self.stored_image_size
+        return self.image_size if self.image_size <= 32 else 256
+
+
+@dataclass
+class AugmentConfig:
+    color_jitter_strength: float = opt(1.0, "The strength of color jittering.")
+    color_jitter_impl: str = opt(
+        "v2", "Color jitter variant: 'v2' (multiplicative brightness, SimCLRv2) or 'v1' (additive).", choices=("v1", "v2")
+    )
+    use_blur: bool = opt(True, "Gaussian blur (p=0.5, sigma per image) during pretraining.")
+
+
+@dataclass
+class ModelConfig:
+    resnet_depth: int = opt(50, "Depth of ResNet.", choices=RESNET_DEPTHS)
+    width_multiplier: float = opt(
+        1,
+        "Multiplier of ResNet width. Integers as in SimCLR; fractions (e.g. 0.25) make tiny "
+        "models for laptops and tests.",
+    )
+    sk_ratio: float = opt(0.0, "Selective kernel ratio; > 0 enables SK (SimCLRv2 uses 0.0625).")
+    se_ratio: float = opt(0.0, "Squeeze-excitation ratio; > 0 enables SE.")
+    batch_norm_decay: float = opt(0.9, "Batch norm decay parameter.")
+    global_bn: bool = opt(True, "Aggregate batch-norm statistics across replicas (sync BN).")
+    proj_head_mode: str = opt(
+        "nonlinear", "How the head projection is done.", choices=("none", "linear", "nonlinear")
+    )
+    proj_out_dim: int = opt(128, "Output dimension of the projection head.")
+    num_proj_layers: int = opt(3, "Number of layers of the nonlinear projection head.")
+    ft_proj_selector: int = opt(
+        0,
+        "Which projection-head layer feeds the supervised head: 0 = backbone output, -1 = the "
+        "last layer.",
+    )
+
+
+@dataclass
+class StageConfig:
+    """Optimization settings of one Trainer stage (pretrain or finetune)."""
+
+    train_batch_size: int = opt(512, "Batch size for training.")
+    train_epochs: int = opt(100, "Number of epochs to train for.")
+    train_steps: int = opt(0, "Number of steps to train for; overrides train_epochs when > 0.")
+    learning_rate: float = opt(0.3, "Initial learning rate per batch size of 256.")
+    learning_rate_scaling: str = opt(
+        "linear", "How to scale the learning rate with batch size.", choices=("linear", "sqrt")
+    )
+    warmup_epochs: float = opt(10.0, "Number of epochs of linear warmup.")
+    weight_decay: float = opt(1e-6, "Amount of weight decay to use.")
+    optimizer: str = opt("lars", "Optimizer to use.", choices=OPTIMIZERS)
+    momentum: float = opt(0.9, "Momentum parameter.")
+    eeta: float = opt(0.001, "LARS trust coefficient.")
+    checkpoint_epochs: int = opt(1, "Number of epochs between checkpoints and summaries.")
+    checkpoint_steps: int = opt(
+        0, "Number of steps between checkpoints/summaries; overrides checkpoint_epochs when > 0."
+    )
+
+
+@dataclass
+class PretrainConfig(StageConfig):
+    temperature: float = opt(0.1, "Temperature parameter for contrastive loss.")
+    hidden_norm: bool = opt(True, "L2-normalize projections before the contrastive loss.")
+    lineareval_while_pretraining: bool = opt(
+        True, "Train a linear classifier on stop-gradient features while pretraining."
+    )
+    knn_every_epochs: int = opt(
+        0, "Every N epochs, weighted kNN top-1 of backbone features on the eval split; 0 = off."
+    )
+
+
+@dataclass
+class FinetuneConfig(StageConfig):
+    fine_tune_after_block: int = opt(
+        -1,
+        "Fine-tune layers after this block: -1 = everything, 0 = after the stem, 4 = only the "
+        "linear head. Frozen blocks keep batch norm in inference mode.",
+    )
+    zero_init_logits_layer: bool = opt(
+        False, "Zero-initialize the supervised head when fine-tuning."
+    )
+    label_fraction: float = opt(
+        1.0, "Fraction of labeled train examples used for fine-tuning (stratified, seeded)."
+    )
+    label_fraction_seed: int = opt(0, "Seed of the stratified label-fraction selection.")
+
+
+# Reference defaults for the fine-tuning stage that follows pretraining (SimCLR README).
+FINETUNE_DEFAULTS = {
+    "learning_rate": 0.1,
+    "learning_rate_scaling": "sqrt",
+    "warmup_epochs": 0.0,
+    "weight_decay": 0.0,
+    "optimizer": "momentum",
+    "train_epochs": 100,
+}
+
+
+@dataclass
+class RuntimeConfig:
+    """How the Trainer runs: devices, precision, logging, checkpoints."""
+
+    strategy: str = opt(
+        "auto",
+        "tf.distribute strategy: auto (mirrored on >1 GPU, else default), default, mirrored, "
+        "multi_worker (TF_CONFIG), tpu.",
+        choices=STRATEGIES,
+    )
+    tpu_name: str = opt("", "TPU name or grpc:// address for --strategy=tpu.")
+    mixed_precision: str = opt(
+        "float32",
+        "Compute dtype: float32, bfloat16 (TPU/GPU) or float16 (GPU, with loss scaling).",
+        choices=("float32", "bfloat16", "float16"),
+    )
+    jit_compile: bool = opt(False, "Compile the train step with XLA.")
+    eval_batch_size: int = opt(256, "Batch size for in-Trainer evaluation.")
+    keep_checkpoint_max: int = opt(5, "Maximum number of checkpoints to keep.")
+    log_every_steps: int = opt(10, "Print a progress line every N steps.")
+    seed: int = opt(0, "Random seed for weight initialization and input shuffling.")
+
+
+@dataclass
+class EvalConfig:
+    min_top1: float = opt(0.0, "Evaluator gate: absolute floor on top-1 accuracy.")
+    min_top5: float = opt(0.0, "Evaluator gate: absolute floor on top-5 accuracy (0 = off).")
+    max_top1_regression: float = opt(
+        0.02,
+        "Evaluator gate: the candidate's top-1 may be at most this much below the last "
+        "blessed model's.",
+    )
+
+
+@dataclass
+class RunnerConfig:
+    pipeline_name: str = opt("simclr", "TFX pipeline name.")
+    model_dir: str = opt(
+        "",
+        "Root of all outputs (pipeline artifacts, metadata, pushed models); default "
+        "./output/<dataset>.",
+    )
+    push_dir: str = opt("", "Where blessed models are pushed; default <model_dir>/serving_model.")
+    beam_mode: str = opt(
+        "in_memory",
+        "Beam DirectRunner mode: in_memory or multi_processing.",
+        choices=("in_memory", "multi_processing", "multi_threading"),
+    )
+    beam_workers: int = opt(0, "DirectRunner workers for multi_processing; 0 = number of CPUs.")
+    enable_cache: bool = opt(False, "Reuse outputs of unchanged components from earlier runs.")
+
+    def resolved_model_dir(self, dataset: str) -> str:
+        return os.path.abspath(self.model_dir or os.path.join("output", dataset))
+
+
+@dataclass
+class SimCLRConfig:
+    train_mode: str = opt(
+        "pretrain",
+        "'pretrain': contrastive pretraining then fine-tuning; 'finetune': supervised training "
+        "only.",
+        choices=TRAIN_MODES,
+    )
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(
+        default_factory=lambda: FinetuneConfig(**FINETUNE_DEFAULTS)
+    )
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+
+    # ----- serialization (the Trainer's custom_config carries this JSON) -----
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SimCLRConfig:
+        return _from_dict(cls, d)
+
+    @classmethod
+    def from_json(cls, text: str) -> SimCLRConfig:
+        return cls.from_dict(json.loads(text))
+
+    def stage(self, name: str) -> StageConfig:
+        if name not in TRAIN_MODES:
+            raise ConfigError(f"unknown Trainer stage {name!r}")
+        return getattr(self, name)
+
+    def validate(self) -> None:
+        validate(self)
+
+
+def _from_dict(cls: type, d: dict) -> Any:
+    kwargs = {}
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in d.items():
+        if key not in hints:
+            raise ConfigError(f"unknown config field {cls.__name__}.{key}")
+        sub = _dataclass_type(cls, key)
+        kwargs[key] = _from_dict(sub, value) if sub is not None else value
+    return cls(**kwargs)
+
+
+def _dataclass_type(cls: type, name: str) -> type | None:
+    default = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if default.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = default.default_factory()  # type: ignore[misc]
+        if dataclasses.is_dataclass(value):
+            return type(value)
+    return None
+
+
+# ----- dataset presets -----
+
+_TINY_DIGITS_STAGE = {"train_batch_size": 128}
+
+DATASET_PRESETS: dict[str, dict[str, Any]] = {
+    # Small enough to pretrain + fine-tune + evaluate in a few minutes on 2 CPU cores.
+    "digits": {
+        "data.image_size": 32,
+        "model.resnet_depth": 18,
+        "model.width_multiplier": 0.25,
+        "model.proj_out_dim": 64,
+        "model.global_bn": False,
+        "augment.color_jitter_strength": 0.5,
+        "augment.use_blur": False,
+        "pretrain.train_batch_size": 128,
+        "pretrain.train_epochs": 12,
+        "pretrain.learning_rate": 1.0,
+        "pretrain.weight_decay": 1e-4,
+        "pretrain.temperature": 0.5,
+        "pretrain.warmup_epochs": 1.0,
+        "finetune.train_batch_size": 128,
+        "finetune.train_epochs": 6,
+        "finetune.learning_rate": 0.1,
+        "runtime.eval_batch_size": 256,
+        "eval.min_top1": 0.3,
+    },
+    # The reference's CIFAR-10 recipe (SimCLR README).
+    "cifar10": {
+        "data.image_size": 32,
+        "model.resnet_depth": 18,
+        "model.global_bn": False,
+        "augment.color_jitter_strength": 0.5,
+        "augment.use_blur": False,
+        "pretrain.train_batch_size": 512,
+        "pretrain.train_epochs": 1000,
+        "pretrain.learning_rate": 1.0,
+        "pretrain.weight_decay": 1e-4,
+        "pretrain.temperature": 0.5,
+        "eval.min_top1": 0.2,
+    },
+    "imagenet2012": {"data.image_size": 224, "data.eval_split": "validation"},
+    "folder": {},
+}
+
+
+def flag_fields() -> list[tuple[str, str, dataclasses.Field, type]]:
+    """(flag, dotted path, field, owning class) for every command-line option."""
+    out: list[tuple[str, str, dataclasses.Field, type]] = []
+    for f in dataclasses.fields(SimCLRConfig):
+        if f.metadata.get("help"):
+            out.append((f.name, f.name, f, SimCLRConfig))
+    for section in ("data", "augment", "model", "runtime", "eval", "runner"):
+        cls = _dataclass_type(SimCLRConfig, section)
+        for f in dataclasses.fields(cls):
+            out.append((f.metadata.get("flag") or f.name, f"{section}.{f.name}", f, cls))
+    # The reference's flag names set the stage named by --train_mode; --finetune_<name> sets the
+    # fine-tuning stage that follows pretraining.
+    for f in dataclasses.fields(PretrainConfig):
+        out.append((f.name, f"<stage>.{f.name}", f, PretrainConfig))
+    for f in dataclasses.fields(FinetuneConfig):
+        if f.name in {g.name for g in dataclasses.fields(StageConfig)}:
+            out.append((f"finetune_{f.name}", f"finetune.{f.name}", f, FinetuneConfig))
+        else:
+            out.append((f.name, f"finetune.{f.name}", f, FinetuneConfig))
+    return out
+
+
+def get_path(config: SimCLRConfig, path: str) -> Any:
+    obj: Any = config
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_path(config: SimCLRConfig, path: str, value: Any) -> None:
+    *parents, last = path.split(".")
+    obj: Any = config
+    for part in parents:
+        obj = getattr(obj, part)
+    setattr(obj, last, value)
+
+
+def build_config(overrides: dict[str, Any]) -> SimCLRConfig:
+    """Config from flag values the user gave (flag name → value), presets and defaults.
+
+    Precedence: the user's flags, then the dataset preset, then the reference's defaults.
+    """
+    config = SimCLRConfig()
+    by_flag = {flag: (path, f) for flag, path, f, _ in flag_fields()}
+    unknown = set(overrides) - set(by_flag)
+    if unknown:
+        raise ConfigError(f"unknown flag --{sorted(unknown)[0]}")
+    train_mode = overrides.get("train_mode", config.train_mode)
+    if train_mode not in TRAIN_MODES:
+        raise ConfigError(f"--train_mode must be one of {TRAIN_MODES}, got {train_mode!r}")
+    config.train_mode = train_mode
+    dataset = overrides.get("dataset", config.data.dataset)
+    if dataset not in DATASETS:
+        raise ConfigError(f"--dataset must be one of {DATASETS}, got {dataset!r}")
+    for path, value in DATASET_PRESETS[dataset].items():
+        set_path(config, path, value)
+    if train_mode == "finetune":
+        # Supervised-only training: the reference flags configure the finetune stage, which
+        # then starts from the stage defaults rather than the post-pretraining recipe.
+        config.finetune = FinetuneConfig()
+    for flag, value in overrides.items():
+        path, _ = by_flag[flag]
+        if path.startswith("<stage>."):
+            name = path.split(".", 1)[1]
+            target = train_mode
+            if not hasattr(config.stage(target), name):
+                raise ConfigError(f"--{flag} applies only with --train_mode=pretrain")
+            path = f"{target}.{name}"
+        elif flag.startswith("finetune_") and train_mode == "finetune":
+            raise ConfigError(
+                f"--{flag} applies only with --train_mode=pretrain; use "
+                f"--{flag.removeprefix('finetune_')} with --train_mode=finetune"
+            )
+        set_path(config, path, value)
+    validate(config)
+    return config
+
+
+def validate(config: SimCLRConfig, num_replicas: int = 1) -> None:
+    """Reject bad values before any component runs; each error is one line naming the flag."""
+    d, m = config.data, config.model
+
+    def need(cond: bool, flag: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"--{flag}: {msg}")
+
+    need(d.dataset in DATASETS, "dataset", f"must be one of {DATASETS}, got {d.dataset!r}")
+    need(
+        d.dataset == "digits" or bool(d.data_dir),
+        "data_dir",
+        f"required for --dataset={d.dataset}",
+    )
+    if d.data_dir and not d.data_dir.startswith("gs://"):
+        need(os.path.isdir(d.data_dir), "data_dir", f"no such directory: {d.data_dir}")
+    need(d.image_size > 0, "image_size", f"must be positive, got {d.image_size}")
+    need(d.stored_image_size >= 0, "stored_image_size", "must be >= 0")
+    need(
+        d.stored_size >= d.image_size or d.stored_image_size == 0,
+        "stored_image_size",
+        f"{d.stored_image_size} is smaller than --image_size={d.image_size}",
+    )
+    need(0.0 <= d.max_bad_fraction <= 1.0, "max_bad_fraction", "must be in [0, 1]")
+    need(d.max_images_per_class >= 0, "max_images_per_class", "must be >= 0")
+    if d.labels_file:
+        need(os.path.isfile(d.labels_file), "labels_file", f"no such file: {d.labels_file}")
+    need(m.resnet_depth in RESNET_DEPTHS, "resnet_depth", f"must be one of {RESNET_DEPTHS}, "
+         f"got {m.resnet_depth}")
+    need(m.width_multiplier > 0, "width_multiplier", "must be positive")
+    need(
+        m.width_multiplier < 1 or float(m.width_multiplier).is_integer(),
+        "width_multiplier",
+        f"must be an integer or a fraction below 1, got {m.width_multiplier}",
+    )
+    need(m.sk_ratio >= 0, "sk_ratio", "must be >= 0")
+    need(m.se_ratio >= 0, "se_ratio", "must be >= 0")
+    need(0 < m.batch_norm_decay < 1, "batch_norm_decay", "must be in (0, 1)")
+    need(m.proj_out_dim > 0, "proj_out_dim", "must be positive")
+    need(m.num_proj_layers >= 1, "num_proj_layers", "must be >= 1")
+    need(
+        -1 <= m.ft_proj_selector <= m.num_proj_layers,
+        "ft_proj_selector",
+        f"must be in [-1, num_proj_layers={m.num_proj_layers}]",
+    )
+    need(config.augment.color_jitter_strength >= 0, "color_jitter_strength", "must be >= 0")
+    stages = ["pretrain", "finetune"] if config.train_mode == "pretrain" else ["finetune"]
+    for name in stages:
+        s = config.stage(name)
+        prefix = "finetune_" if (name == "finetune" and config.train_mode == "pretrain") else ""
+        need(s.train_batch_size > 0, prefix + "train_batch_size",
+             f"must be positive, got {s.train_batch_size}")
+        need(
+            s.train_batch_size % num_replicas == 0,
+            prefix + "train_batch_size",
+            f"{s.train_batch_size} is not divisible by the {num_replicas} replicas",
+        )
+        need(s.train_epochs > 0 or s.train_steps > 0, prefix + "train_epochs",
+             "train_epochs or train_steps must be positive")
+        need(s.train_steps >= 0, prefix + "train_steps", "must be >= 0")
+        need(s.learning_rate >= 0, prefix + "learning_rate", "must be >= 0")
+        need(s.warmup_epochs >= 0, prefix + "warmup_epochs", "must be >= 0")
+        need(s.weight_decay >= 0, prefix + "weight_decay", "must be >= 0")
+        need(s.optimizer in OPTIMIZERS, prefix + "optimizer", f"must be one of {OPTIMIZERS}")
+        need(s.checkpoint_epochs > 0 or s.checkpoint_steps > 0, prefix + "checkpoint_epochs",
+             "checkpoint_epochs or checkpoint_steps must be positive")
+    need(config.pretrain.temperature > 0, "temperature", "must be positive")
+    f = config.finetune
+    need(-1 <= f.fine_tune_after_block <= 4, "fine_tune_after_block", "must be in [-1, 4]")
+    need(0 < f.label_fraction <= 1, "label_fraction", f"must be in (0, 1], got {f.label_fraction}")
+    r = config.runtime
+    need(r.eval_batch_size > 0, "eval_batch_size", "must be positive")
+    need(r.keep_checkpoint_max > 0, "keep_checkpoint_max", "must be positive")
+    need(r.log_every_steps > 0, "log_every_steps", "must be positive")
+    if r.strategy == "tpu":
+        need(bool(r.tpu_name) or "TPU_NAME" in os.environ, "tpu_name", "required for TPUs")
+    e = config.eval
+    need(0 <= e.min_top1 <= 1.01, "min_top1", "must be in [0, 1.01]")
+    need(0 <= e.min_top5 <= 1.01, "min_top5", "must be in [0, 1.01]")
+    need(0 <= e.max_top1_regression <= 1, "max_top1_regression", "must be in [0, 1]")
+
+
+def flag_table() -> str:
+    """Markdown table: flag → config field → default (the docs' flag reference)."""
+    rows = ["| flag | config field | default | meaning |", "|---|---|---|---|"]
+    defaults = SimCLRConfig()
+    for flag, path, f, _ in flag_fields():
+        shown = path.replace("<stage>", "<train_mode>")
+        default_path = path.replace("<stage>", "pretrain")
+        default = get_path(defaults, default_path)
+        rows.append(f"| `--{flag}` | `{shown}` | `{default}` | {f.metadata['help']} |")
+    return "\n".join(rows)

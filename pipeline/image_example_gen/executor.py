@@ -1,0 +1,391 @@
+"""ExampleGen executor for class-folder image trees: `<input_base>/<split>/<class>/<image file>`.
+
+Each image becomes a tf.Example that carries the untouched encoded file bytes, so decoding and
+augmentation stay inside the Transform/Trainer graphs. Files that cannot serve as training images
+are skipped and listed in `image_report.json` next to the splits; a split with too many of them
+fails the run, because training on a silently shrunken dataset is worse than stopping.
+"""
+
+import hashlib
+import io
+import json
+import posixpath
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+import tensorflow as tf
+from absl import logging
+from google.protobuf import json_format, struct_pb2
+from PIL import Image
+from tfx.components.example_gen.base_example_gen_executor import BaseExampleGenExecutor
+from tfx.proto import example_gen_pb2
+from tfx.types import artifact, artifact_utils, standard_component_specs
+from tfx.utils import proto_utils
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".gif", ".bmp")
+REPORT_FILE = "image_report.json"
+SPLIT_PATTERN_SUFFIX = "/*/*"
+
+# Formats tf.io.decode_image reads (MPO is a JPEG with extra frames from cameras).
+_DECODABLE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "BMP"})
+_SKIPPED_TAG = "skipped"
+_TMP_DIR_NAME = "_image_report_tmp"
+# Private exec_properties entries through which `Do` hands its results to the Beam transform.
+_TMP_DIR_KEY = "_image_report_tmp_dir"
+_CLASS_IDS_KEY = "_image_class_ids"
+
+
+class ImageDataError(ValueError):
+    """The image tree cannot produce a trustworthy dataset (too many bad files, empty split...)."""
+
+
+@dataclass(frozen=True)
+class _Options:
+    labels_file: str | None = None
+    max_bad_fraction: float = 0.01
+    max_images_per_class: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if self.max_images_per_class is not None and self.max_images_per_class < 1:
+            raise ValueError(
+                f"max_images_per_class must be >= 1 or None, got {self.max_images_per_class}"
+            )
+
+
+def make_custom_config(
+    *,
+    labels_file: str | None = None,
+    max_bad_fraction: float = 0.01,
+    max_images_per_class: int | None = None,
+) -> example_gen_pb2.CustomConfig:
+    """Packs the executor options as a Struct in the ExampleGen's CustomConfig proto.
+
+    FileBasedExampleGen only accepts a CustomConfig (a protobuf Any); a Struct keeps the options
+    a plain JSON dict in the compiled pipeline.
+    """
+    options = _Options(labels_file, max_bad_fraction, max_images_per_class)
+    struct = struct_pb2.Struct()
+    struct.update(
+        {
+            "labels_file": options.labels_file,
+            "max_bad_fraction": options.max_bad_fraction,
+            "max_images_per_class": options.max_images_per_class,
+        }
+    )
+    config = example_gen_pb2.CustomConfig()
+    config.custom_config.Pack(struct)
+    return config
+
+
+def _parse_options(custom_config_json: str | None) -> _Options:
+    if not custom_config_json:
+        return _Options()
+    config = example_gen_pb2.CustomConfig()
+    proto_utils.json_to_proto(custom_config_json, config)
+    if not config.HasField("custom_config"):
+        return _Options()
+    struct = struct_pb2.Struct()
+    if not config.custom_config.Unpack(struct):
+        raise ValueError(
+            f"custom_config must hold a google.protobuf.Struct, got {config.custom_config.type_url}"
+        )
+    values = json_format.MessageToDict(struct)
+    unknown = sorted(set(values) - {"labels_file", "max_bad_fraction", "max_images_per_class"})
+    if unknown:
+        raise ValueError(f"Unknown image ExampleGen options: {unknown}")
+    max_per_class = values.get("max_images_per_class")
+    return _Options(
+        labels_file=values.get("labels_file") or None,
+        max_bad_fraction=float(values.get("max_bad_fraction", 0.01)),
+        # Struct numbers are doubles.
+        max_images_per_class=None if max_per_class is None else int(max_per_class),
+    )
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _subdirs(path: str) -> list[str]:
+    """Sorted non-hidden sub-folder names of `path` (works for local and gs:// paths)."""
+    names = (name.rstrip("/") for name in tf.io.gfile.listdir(path))
+    return sorted(
+        name
+        for name in names
+        if not _is_hidden(name) and tf.io.gfile.isdir(posixpath.join(path, name))
+    )
+
+
+def discover_splits(data_dir: str) -> list[str]:
+    """Sorted sub-folders of `data_dir` that hold class folders, e.g. ['test', 'train']."""
+    if not tf.io.gfile.isdir(data_dir):
+        raise ValueError(f"Image data folder {data_dir} does not exist")
+    splits = [name for name in _subdirs(data_dir) if _subdirs(posixpath.join(data_dir, name))]
+    if not splits:
+        raise ValueError(
+            f"No split folders with class sub-folders (<split>/<class>/<image>) in {data_dir}"
+        )
+    return splits
+
+
+def _split_dir(input_base: str, split_pattern: str) -> str:
+    folder = split_pattern[: -len(SPLIT_PATTERN_SUFFIX)]
+    if not split_pattern.endswith(SPLIT_PATTERN_SUFFIX) or not folder or "*" in folder:
+        raise ValueError(
+            f"Image split pattern must be '<split folder>{SPLIT_PATTERN_SUFFIX}', got "
+            f"{split_pattern!r}"
+        )
+    return posixpath.join(input_base, folder)
+
+
+def _split_key(split_pattern: str) -> str:
+    """Name of a split's folder of interim results (the transform only sees the pattern)."""
+    return hashlib.sha1(split_pattern.encode()).hexdigest()[:16]
+
+
+def _read_labels_file(labels_file: str) -> list[str]:
+    with tf.io.gfile.GFile(labels_file, "r") as f:
+        names = [line.strip() for line in f.read().splitlines()]
+    if not names or "" in names or len(set(names)) != len(names):
+        raise ValueError(
+            f"Labels file {labels_file} must list one distinct class name per line, no blanks"
+        )
+    return names
+
+
+def _class_ids(split_dirs: dict[str, str], labels_file: str | None) -> dict[str, int]:
+    """Class folder name -> label id, identical for all splits.
+
+    Without a labels file ids follow the sorted union of class folders over all splits, so a
+    class seen only in the test split still gets a stable id.
+    """
+    folders = {name: _subdirs(path) for name, path in split_dirs.items()}
+    if labels_file is None:
+        all_classes = sorted({c for classes in folders.values() for c in classes})
+        return {name: i for i, name in enumerate(all_classes)}
+    class_ids = {name: i for i, name in enumerate(_read_labels_file(labels_file))}
+    for split, classes in folders.items():
+        missing = [c for c in classes if c not in class_ids]
+        if missing:
+            raise ImageDataError(
+                f"Split {split!r}: class folder(s) {missing[:5]} of {split_dirs[split]} "
+                f"are not in labels file {labels_file}"
+            )
+    return class_ids
+
+
+def _list_class_files(
+    class_entry: tuple[str, str], max_images_per_class: int | None
+) -> Iterator[tuple[str, str]]:
+    """(class name, file path) for the non-hidden files of one class folder, in name order."""
+    class_name, class_dir = class_entry
+    names = sorted(n for n in tf.io.gfile.listdir(class_dir) if not _is_hidden(n))
+    for name in names[:max_images_per_class]:
+        yield class_name, posixpath.join(class_dir, name.rstrip("/"))
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
+def _decode_problem(data: bytes) -> str | None:
+    """Why `data` is not a fully decodable image, or None when it is."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image_format = image.format
+            image.verify()  # Structure and checksums; cannot catch truncated pixel data.
+        if image_format not in _DECODABLE_FORMATS:
+            return f"{image_format} images are not supported"
+        with Image.open(io.BytesIO(data)) as image:
+            if image_format in ("JPEG", "MPO"):
+                # Reduced-scale DCT still reads the whole entropy-coded stream (so truncation is
+                # caught) at a fraction of the cost of a full decode.
+                image.draft("RGB", (1, 1))
+            image.load()
+    except Exception as error:  # PIL signals bad data with many exception types.
+        return _one_line(error)
+    return None
+
+
+def _bytes_feature(value: bytes) -> tf.train.Feature:
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+
+def _to_example(
+    entry: tuple[str, str], class_ids: dict[str, int]
+) -> Iterator[tf.train.Example | beam.pvalue.TaggedOutput]:
+    """Reads and checks one file: yields its tf.Example, or a skip record on the side output."""
+    class_name, path = entry
+    relative_path = f"{class_name}/{posixpath.basename(path)}"
+
+    def skip(reason: str) -> beam.pvalue.TaggedOutput:
+        return beam.pvalue.TaggedOutput(_SKIPPED_TAG, {"path": relative_path, "reason": reason})
+
+    if not path.lower().endswith(IMAGE_EXTENSIONS):
+        yield skip(f"unsupported extension {posixpath.splitext(path)[1] or '(none)'}")
+        return
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            data = f.read()
+    except (tf.errors.OpError, OSError) as error:
+        yield skip(f"unreadable: {_one_line(error)}")
+        return
+    if not data:
+        yield skip("empty file")
+        return
+    problem = _decode_problem(data)
+    if problem is not None:
+        yield skip(f"not a decodable image: {problem}")
+        return
+    yield tf.train.Example(
+        features=tf.train.Features(
+            feature={
+                "image": _bytes_feature(data),
+                "label": tf.train.Feature(
+                    int64_list=tf.train.Int64List(value=[class_ids[class_name]])
+                ),
+                "label_name": _bytes_feature(class_name.encode()),
+                "filename": _bytes_feature(relative_path.encode()),
+            }
+        )
+    )
+
+
+@beam.ptransform_fn
+@beam.typehints.with_input_types(beam.Pipeline)
+@beam.typehints.with_output_types(tf.train.Example)
+def _ImageFolderToExample(
+    pipeline: beam.Pipeline, exec_properties: dict[str, Any], split_pattern: str
+) -> beam.pvalue.PCollection:
+    """One split's image files as tf.Examples; skips and counts go to interim files.
+
+    Class folders are listed in parallel and the files reshuffled before reading, so a tree with
+    a million files spreads over workers instead of being listed and read by one.
+    """
+    options = _parse_options(exec_properties.get(standard_component_specs.CUSTOM_CONFIG_KEY))
+    class_ids = json.loads(exec_properties[_CLASS_IDS_KEY])
+    split_dir = _split_dir(exec_properties[standard_component_specs.INPUT_BASE_KEY], split_pattern)
+    out_dir = posixpath.join(exec_properties[_TMP_DIR_KEY], _split_key(split_pattern))
+    class_entries = [(name, posixpath.join(split_dir, name)) for name in _subdirs(split_dir)]
+
+    results = (
+        pipeline
+        | "ListClassFolders" >> beam.Create(class_entries)
+        | "ListFiles" >> beam.FlatMap(_list_class_files, options.max_images_per_class)
+        | "Spread" >> beam.Reshuffle()
+        | "ReadAndCheck"
+        >> beam.FlatMap(_to_example, class_ids)
+        .with_output_types(tf.train.Example)
+        .with_outputs(_SKIPPED_TAG, main="examples")
+    )
+    _ = (
+        results[_SKIPPED_TAG]
+        | "SkippedToJson" >> beam.Map(json.dumps, sort_keys=True)
+        | "WriteSkipped" >> beam.io.WriteToText(posixpath.join(out_dir, "skipped"))
+    )
+    _ = (
+        results.examples
+        | "CountWritten" >> beam.combiners.Count.Globally()
+        | "WriteCount" >> beam.io.WriteToText(posixpath.join(out_dir, "written"))
+    )
+    return results.examples
+
+
+def _read_lines(pattern: str) -> Iterable[str]:
+    for path in sorted(tf.io.gfile.glob(pattern)):
+        with tf.io.gfile.GFile(path, "r") as f:
+            yield from (line for line in f.read().splitlines() if line)
+
+
+class ImageFolderExecutor(BaseExampleGenExecutor):
+    """Turns `<input_base>/<split>/<class>/<image>` trees into tf.Examples, with a skip report.
+
+    Input splits need patterns `<split folder>/*/*`. Options come from the CustomConfig made by
+    `make_custom_config`.
+    """
+
+    def GetInputSourceToExamplePTransform(self) -> beam.PTransform:
+        return _ImageFolderToExample
+
+    def Do(
+        self,
+        input_dict: dict[str, list[artifact.Artifact]],
+        output_dict: dict[str, list[artifact.Artifact]],
+        exec_properties: dict[str, Any],
+    ) -> None:
+        options = _parse_options(exec_properties.get(standard_component_specs.CUSTOM_CONFIG_KEY))
+        input_config = example_gen_pb2.Input()
+        proto_utils.json_to_proto(
+            exec_properties[standard_component_specs.INPUT_CONFIG_KEY], input_config
+        )
+        input_base = exec_properties[standard_component_specs.INPUT_BASE_KEY]
+        split_dirs = {s.name: _split_dir(input_base, s.pattern) for s in input_config.splits}
+        for name, path in split_dirs.items():
+            if not tf.io.gfile.isdir(path):
+                raise ImageDataError(f"Split {name!r}: image folder {path} does not exist")
+        class_ids = _class_ids(split_dirs, options.labels_file)
+
+        examples_uri = artifact_utils.get_single_uri(
+            output_dict[standard_component_specs.EXAMPLES_KEY]
+        )
+        tmp_dir = posixpath.join(examples_uri, _TMP_DIR_NAME)
+        super().Do(
+            input_dict,
+            output_dict,
+            {
+                **exec_properties,
+                _TMP_DIR_KEY: tmp_dir,
+                _CLASS_IDS_KEY: json.dumps(class_ids),
+            },
+        )
+
+        report = {
+            "class_names": sorted(class_ids, key=class_ids.get),
+            "max_bad_fraction": options.max_bad_fraction,
+            "splits": {},
+        }
+        for split in input_config.splits:
+            split_tmp = posixpath.join(tmp_dir, _split_key(split.pattern))
+            skipped = sorted(
+                (json.loads(line) for line in _read_lines(f"{split_tmp}/skipped*")),
+                key=lambda record: record["path"],
+            )
+            written = sum(int(line) for line in _read_lines(f"{split_tmp}/written*"))
+            report["splits"][split.name] = {
+                "folder": split_dirs[split.name],
+                "total_files": written + len(skipped),
+                "written": written,
+                "skipped": len(skipped),
+                "skipped_files": skipped,
+            }
+        report_path = posixpath.join(examples_uri, REPORT_FILE)
+        with tf.io.gfile.GFile(report_path, "w") as f:
+            f.write(json.dumps(report, indent=1))
+        tf.io.gfile.rmtree(tmp_dir)
+
+        problems = []
+        for name, stats in report["splits"].items():
+            logging.info(
+                "ExampleGen: split '%s': %d images written, %d skipped (report: %s)",
+                name,
+                stats["written"],
+                stats["skipped"],
+                report_path,
+            )
+            if stats["written"] == 0:
+                problems.append(
+                    f"split '{name}' has no usable images in {stats['folder']} "
+                    f"({stats['skipped']} files skipped)"
+                )
+            elif stats["skipped"] > options.max_bad_fraction * stats["total_files"]:
+                problems.append(
+                    f"split '{name}': {stats['skipped']} of {stats['total_files']} files skipped "
+                    f"({stats['skipped'] / stats['total_files']:.2%} > max_bad_fraction "
+                    f"{options.max_bad_fraction:.2%})"
+                )
+        if problems:
+            raise ImageDataError(f"ExampleGen: {'; '.join(problems)}; see report {report_path}")

@@ -1,0 +1,208 @@
+"""The SimCLR TFX pipeline definition, shared by every runner.
+
+ExampleGen → StatisticsGen → SchemaGen → ExampleValidator → Transform → Trainer (pretrain) →
+Trainer (finetune, base_model = pretrain) → Evaluator (gates vs. floor and last blessed model)
+→ Pusher (only when blessed). Runners differ only in where components execute.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import tensorflow as tf
+import tensorflow_model_analysis as tfma
+from tfx import v1 as tfx
+from tfx.components import ImportExampleGen
+
+from pipeline.configs import SimCLRConfig
+from pipeline.image_example_gen.component import make_image_example_gen
+from pipeline.image_example_gen.executor import discover_splits
+
+TRAINER_RUN_FN = "models.trainer.run_fn"
+PREPROCESSING_FN = "transform.preprocessing.preprocessing_fn"
+TOP1 = "sparse_categorical_accuracy"
+TOP5 = "sparse_top_k_categorical_accuracy"
+_TFDS_FILE = re.compile(r"-(?P<split>[A-Za-z0-9_]+)\.tfrecord(-\d+-of-\d+)?$")
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    """What the data directory holds: its format and split names."""
+
+    data_dir: str
+    data_format: str  # 'folders' | 'tfrecord'
+    splits: tuple[str, ...]
+    train_split: str
+    eval_split: str
+
+
+def tfrecord_splits(data_dir: str) -> list[str]:
+    """Split names of TFDS-style files `<name>-<split>.tfrecord-NNNNN-of-NNNNN`."""
+    names = [os.path.basename(p) for p in tf.io.gfile.glob(os.path.join(data_dir, "*.tfrecord*"))]
+    return sorted({m["split"] for n in names if (m := _TFDS_FILE.search(n))})
+
+
+def inspect_data(data_dir: str, data_format: str, train_split: str, eval_split: str) -> DataLayout:
+    """Finds the format and splits; one-line ValueError naming the flag when they don't fit."""
+    if data_format in ("auto", "tfrecord"):
+        splits = tfrecord_splits(data_dir)
+        if splits:
+            data_format = "tfrecord"
+        elif data_format == "tfrecord":
+            raise ValueError(f"--data_dir: no TFDS-style *-<split>.tfrecord* files in {data_dir}")
+    if data_format in ("auto", "folders"):
+        data_format = "folders"
+        splits = discover_splits(data_dir)
+    if not eval_split:
+        eval_split = "test" if "test" in splits else "validation"
+    for flag, split in (("train_split", train_split), ("eval_split", eval_split)):
+        if split not in splits:
+            raise ValueError(f"--{flag}: split {split!r} not found in {data_dir} (found {splits})")
+    return DataLayout(data_dir, data_format, tuple(splits), train_split, eval_split)
+
+
+def eval_config(config: SimCLRConfig) -> tfma.EvalConfig:
+    """TFMA on raw examples through `serving_default`: top-1/top-5, counts, slices, gates."""
+    gates = config.eval
+    top1_threshold = tfma.MetricThreshold(
+        value_threshold=tfma.GenericValueThreshold(lower_bound={"value": gates.min_top1}),
+        change_threshold=tfma.GenericChangeThreshold(
+            direction=tfma.MetricDirection.HIGHER_IS_BETTER,
+            absolute={"value": -gates.max_top1_regression},
+        ),
+    )
+    top5_threshold = tfma.MetricThreshold(
+        value_threshold=tfma.GenericValueThreshold(lower_bound={"value": gates.min_top5})
+    )
+
+    def overall(threshold: tfma.MetricThreshold) -> list[tfma.PerSliceMetricThreshold]:
+        # Gate on the whole eval split only; per-label slices are reported, not gated.
+        return [tfma.PerSliceMetricThreshold(slicing_specs=[tfma.SlicingSpec()],
+                                             threshold=threshold)]
+
+    top1 = tfma.MetricConfig(class_name="SparseCategoricalAccuracy",
+                             per_slice_thresholds=overall(top1_threshold))
+    top5 = tfma.MetricConfig(class_name="SparseTopKCategoricalAccuracy", config='{"k": 5}')
+    if gates.min_top5 > 0:
+        top5.per_slice_thresholds.extend(overall(top5_threshold))
+    return tfma.EvalConfig(
+        model_specs=[
+            tfma.ModelSpec(
+                signature_name="serving_default",
+                label_key="label",
+                prediction_key="probabilities",
+            )
+        ],
+        slicing_specs=[tfma.SlicingSpec(), tfma.SlicingSpec(feature_keys=["label"])],
+        metrics_specs=[
+            tfma.MetricsSpec(
+                metrics=[
+                    tfma.MetricConfig(class_name="ExampleCount"),
+                    top1,
+                    top5,
+                    tfma.MetricConfig(class_name="MultiClassConfusionMatrixPlot"),
+                ]
+            )
+        ],
+    )
+
+
+def create_pipeline(
+    config: SimCLRConfig,
+    layout: DataLayout,
+    *,
+    pipeline_root: str,
+    metadata_path: str,
+    push_dir: str,
+    beam_pipeline_args: list[str],
+) -> tfx.dsl.Pipeline:
+    d = config.data
+    if layout.data_format == "folders":
+        example_gen = make_image_example_gen(
+            layout.data_dir,
+            layout.splits,
+            labels_file=d.labels_file or None,
+            max_bad_fraction=d.max_bad_fraction,
+            max_images_per_class=d.max_images_per_class or None,
+        )
+    else:
+        example_gen = ImportExampleGen(
+            input_base=layout.data_dir,
+            input_config=tfx.proto.Input(splits=[
+                tfx.proto.Input.Split(name=s, pattern=f"*-{s}.tfrecord*") for s in layout.splits
+            ]),
+        )
+    statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
+    schema_gen = tfx.components.SchemaGen(
+        statistics=statistics_gen.outputs["statistics"], infer_feature_shape=True
+    )
+    example_validator = tfx.components.ExampleValidator(
+        statistics=statistics_gen.outputs["statistics"], schema=schema_gen.outputs["schema"]
+    )
+    transform_config = {"image_size": d.stored_size, "image_format": d.image_format}
+    if d.labels_file:
+        with open(d.labels_file) as f:
+            transform_config["label_names"] = [line.strip() for line in f if line.strip()]
+    transform = tfx.components.Transform(
+        examples=example_gen.outputs["examples"],
+        schema=schema_gen.outputs["schema"],
+        preprocessing_fn=PREPROCESSING_FN,
+        custom_config=transform_config,
+        splits_config=tfx.proto.SplitsConfig(
+            analyze=[layout.train_split],
+            transform=[layout.train_split, layout.eval_split],
+        ),
+    )
+
+    def trainer(stage: str, base_model=None) -> tfx.components.Trainer:
+        return tfx.components.Trainer(
+            run_fn=TRAINER_RUN_FN,
+            examples=transform.outputs["transformed_examples"],
+            transform_graph=transform.outputs["transform_graph"],
+            schema=schema_gen.outputs["schema"],
+            base_model=base_model,
+            train_args=tfx.proto.TrainArgs(splits=[layout.train_split]),
+            eval_args=tfx.proto.EvalArgs(splits=[layout.eval_split]),
+            custom_config={"stage": stage, "config": config.to_json()},
+        ).with_id(f"{stage}_trainer")
+
+    components = [example_gen, statistics_gen, schema_gen, example_validator, transform]
+    base_model = None
+    if config.train_mode == "pretrain":
+        pretrain = trainer("pretrain")
+        components.append(pretrain)
+        base_model = pretrain.outputs["model"]
+    finetune = trainer("finetune", base_model)
+    model_resolver = tfx.dsl.Resolver(
+        strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+        model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
+        model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
+    ).with_id("latest_blessed_model_resolver")
+    evaluator = tfx.components.Evaluator(
+        examples=example_gen.outputs["examples"],
+        model=finetune.outputs["model"],
+        baseline_model=model_resolver.outputs["model"],
+        eval_config=eval_config(config),
+        example_splits=[layout.eval_split],
+    )
+    pusher = tfx.components.Pusher(
+        model=finetune.outputs["model"],
+        model_blessing=evaluator.outputs["blessing"],
+        push_destination=tfx.proto.PushDestination(
+            filesystem=tfx.proto.PushDestination.Filesystem(base_directory=push_dir)
+        ),
+    )
+    components += [finetune, model_resolver, evaluator, pusher]
+    return tfx.dsl.Pipeline(
+        pipeline_name=config.runner.pipeline_name,
+        pipeline_root=pipeline_root,
+        components=components,
+        enable_cache=config.runner.enable_cache,
+        metadata_connection_config=(
+            tfx.orchestration.metadata.sqlite_metadata_connection_config(metadata_path)
+            if metadata_path else None
+        ),
+        beam_pipeline_args=beam_pipeline_args,
+    )

@@ -1,0 +1,156 @@
+"""What a finished run produced, read back from ML Metadata and the TFMA output.
+
+The runners print it; tests assert on it. Reading from MLMD (not from paths we guess) means the
+summary is about the run that just happened, including cached or skipped components.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import ml_metadata as mlmd
+import tensorflow_model_analysis as tfma
+from ml_metadata.proto import metadata_store_pb2
+
+from pipeline.pipeline import TOP1, TOP5
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    components: list[str] = field(default_factory=list)
+    top1: float | None = None
+    top5: float | None = None
+    example_count: float | None = None
+    baseline_top1: float | None = None
+    blessed: bool | None = None
+    failures: list[str] = field(default_factory=list)
+    pushed: bool = False
+    pushed_destination: str | None = None
+    evaluation_uri: str | None = None
+    model_run_uris: dict[str, str] = field(default_factory=dict)
+    model_uris: dict[str, str] = field(default_factory=dict)
+    examples_uri: str | None = None
+    per_label_top1: dict[str, float] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        out = [f"run {self.run_id}: {len(self.components)} components executed"]
+        if self.top1 is not None:
+            out.append(
+                f"top-1 accuracy {self.top1:.4f}, top-5 accuracy {self.top5:.4f} "
+                f"on {int(self.example_count or 0)} eval examples"
+            )
+        if self.baseline_top1 is not None:
+            out.append(f"baseline (last blessed model) top-1 {self.baseline_top1:.4f}")
+        if self.blessed is not None:
+            out.append("blessing: BLESSED" if self.blessed else "blessing: NOT_BLESSED")
+        out += [f"  failed: {f}" for f in self.failures]
+        if self.pushed:
+            out.append(f"pushed model: {self.pushed_destination}")
+        else:
+            out.append("pushed model: nothing pushed")
+        if self.evaluation_uri:
+            out.append(f"TFMA output: {self.evaluation_uri}")
+        for stage, uri in sorted(self.model_run_uris.items()):
+            out.append(f"TensorBoard logs ({stage}): tensorboard --logdir {uri}")
+        return out
+
+
+def _store(metadata_path: str) -> mlmd.MetadataStore:
+    config = metadata_store_pb2.ConnectionConfig()
+    config.sqlite.filename_uri = metadata_path
+    config.sqlite.connection_mode = metadata_store_pb2.SqliteMetadataSourceConfig.READONLY
+    return mlmd.MetadataStore(config)
+
+
+def _prop(artifact: metadata_store_pb2.Artifact, name: str):
+    for props in (artifact.custom_properties, artifact.properties):
+        if name in props:
+            value = props[name]
+            return value.string_value or value.int_value or value.double_value
+    return None
+
+
+def latest_run(metadata_path: str) -> RunSummary:
+    store = _store(metadata_path)
+    runs = store.get_contexts_by_type("pipeline_run")
+    if not runs:
+        raise ValueError(f"no pipeline run recorded in {metadata_path}")
+    run = max(runs, key=lambda c: (c.create_time_since_epoch, c.id))
+    summary = RunSummary(run_id=run.name)
+    executions = store.get_executions_by_context(run.id)
+    run_execution_ids = {e.id for e in executions}
+    node_of: dict[int, str] = {}
+    for ctx in store.get_contexts_by_type("node"):
+        for e in store.get_executions_by_context(ctx.id):
+            if e.id in run_execution_ids:
+                node_of[e.id] = ctx.name.split(".")[-1]
+    summary.components = sorted(set(node_of.values()))
+    artifact_types = {t.id: t.name for t in store.get_artifact_types()}
+    events = store.get_events_by_execution_ids(list(run_execution_ids))
+    outputs = [ev for ev in events if ev.type in (metadata_store_pb2.Event.OUTPUT,
+                                                  metadata_store_pb2.Event.DECLARED_OUTPUT)]
+    producer_of = {ev.artifact_id: node_of.get(ev.execution_id, "") for ev in outputs}
+    artifacts = store.get_artifacts_by_id(list(producer_of))
+    for a in artifacts:
+        kind = artifact_types.get(a.type_id)
+        producer = producer_of[a.id]
+        stage = "pretrain" if "pretrain" in producer else "finetune"
+        if kind == "ModelEvaluation":
+            summary.evaluation_uri = a.uri
+        elif kind == "ModelBlessing":
+            summary.blessed = bool(_prop(a, "blessed"))
+        elif kind == "PushedModel":
+            summary.pushed = bool(_prop(a, "pushed"))
+            summary.pushed_destination = _prop(a, "pushed_destination") or None
+        elif kind == "ModelRun":
+            summary.model_run_uris[stage] = a.uri
+        elif kind == "Model":
+            summary.model_uris[stage] = a.uri
+        elif kind == "Examples" and "ExampleGen" in producer:
+            summary.examples_uri = a.uri
+    if summary.evaluation_uri:
+        _read_evaluation(summary)
+    return summary
+
+
+def _metric(metrics: dict, name: str) -> float | None:
+    for key, value in metrics.items():
+        if key == name or key.endswith(name):
+            return value.get("doubleValue")
+    return None
+
+
+def _read_evaluation(summary: RunSummary) -> None:
+    result = tfma.load_eval_result(summary.evaluation_uri)
+    for slice_key, metrics_by_output in result.slicing_metrics:
+        metrics = metrics_by_output.get("", {}).get("", {})
+        if not slice_key:
+            summary.top1 = _metric(metrics, TOP1)
+            summary.top5 = _metric(metrics, TOP5)
+            summary.example_count = _metric(metrics, "example_count")
+        elif slice_key[0][0] == "label":
+            value = _metric(metrics, TOP1)
+            if value is not None:
+                summary.per_label_top1[str(slice_key[0][1])] = value
+    try:
+        baseline = tfma.load_eval_result(summary.evaluation_uri, model_name="baseline")
+    except Exception:  # noqa: BLE001 - no baseline in a first run
+        baseline = None
+    if baseline is not None:
+        for slice_key, metrics_by_output in baseline.slicing_metrics:
+            if not slice_key:
+                summary.baseline_top1 = _metric(metrics_by_output.get("", {}).get("", {}), TOP1)
+    validation = tfma.load_validation_result(summary.evaluation_uri)
+    for per_slice in validation.metric_validations_per_slice:
+        for failure in per_slice.failures:
+            threshold = failure.metric_threshold
+            if threshold.HasField("change_threshold"):
+                limit = (f"change vs. baseline >= "
+                         f"{threshold.change_threshold.absolute.value:+.4f}")
+            else:
+                limit = f">= {threshold.value_threshold.lower_bound.value:.4f}"
+            summary.failures.append(
+                f"{failure.metric_key.name}: {failure.metric_value.double_value.value:.4f}"
+                f" (threshold {limit})"
+            )

@@ -1,0 +1,218 @@
+"""Image class-folder ExampleGen: examples, skip report, thresholds, label maps, subsets."""
+
+import io
+import json
+import pathlib
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+from tfx.proto import example_gen_pb2
+from tfx.types import standard_artifacts, standard_component_specs
+from tfx.utils import proto_utils
+
+from pipeline.image_example_gen import (
+    REPORT_FILE,
+    ImageDataError,
+    ImageFolderExecutor,
+    discover_splits,
+    make_custom_config,
+    make_image_example_gen,
+)
+
+
+def _encode(mode: str, fmt: str, seed: int, size: tuple[int, int] = (12, 10)) -> bytes:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1, "P": 1}[mode]
+    pixels = rng.integers(0, 256, size=(size[1], size[0], channels), dtype=np.uint8)
+    image = Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels)
+    if mode == "P":
+        image = image.convert("P")
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+GOOD_FILES = {
+    "train/cat/a.jpg": _encode("RGB", "JPEG", 0),
+    "train/cat/b.PNG": _encode("L", "PNG", 1),
+    "train/dog/c.png": _encode("RGBA", "PNG", 2),
+    "train/dog/d.gif": _encode("P", "GIF", 3),
+    "train/bird/e.bmp": _encode("RGB", "BMP", 4),
+    "train/bird/f.JPEG": _encode("RGB", "JPEG", 5),
+    "test/cat/g.jpeg": _encode("RGB", "JPEG", 6),
+    "test/fish/h.png": _encode("RGB", "PNG", 7),
+}
+_big_jpeg = _encode("RGB", "JPEG", 8, size=(64, 64))
+BAD_FILES = {
+    "train/cat/broken.jpg": (_big_jpeg[: len(_big_jpeg) * 2 // 3], "not a decodable image"),
+    "train/dog/empty.png": (b"", "empty file"),
+    "train/bird/notes.txt": (b"hello", "unsupported extension .txt"),
+    "train/dog/folder.jpg": (None, "unreadable:"),  # a folder named like an image
+}
+HIDDEN_FILES = {"train/cat/.hidden.jpg": b"junk", "train/.DS_Store": b"junk"}
+# Sorted union of class folders over both splits: 'fish' exists in test only.
+SORTED_IDS = {"bird": 0, "cat": 1, "dog": 2, "fish": 3}
+
+
+@pytest.fixture
+def image_tree(tmp_path: pathlib.Path) -> pathlib.Path:
+    root = tmp_path / "images"
+    files = {**GOOD_FILES, **{k: v[0] for k, v in BAD_FILES.items()}, **HIDDEN_FILES}
+    for relative, data in files.items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if data is None:
+            path.mkdir()
+        else:
+            path.write_bytes(data)
+    return root
+
+
+def _run(data_dir: pathlib.Path, out_dir: pathlib.Path, splits: list[str], **options) -> str:
+    examples = standard_artifacts.Examples()
+    examples.uri = str(out_dir)
+    input_config = example_gen_pb2.Input(
+        splits=[example_gen_pb2.Input.Split(name=s, pattern=f"{s}/*/*") for s in splits]
+    )
+    exec_properties = {
+        standard_component_specs.INPUT_BASE_KEY: str(data_dir),
+        standard_component_specs.INPUT_CONFIG_KEY: proto_utils.proto_to_json(input_config),
+        standard_component_specs.OUTPUT_CONFIG_KEY: proto_utils.proto_to_json(
+            example_gen_pb2.Output()
+        ),
+        standard_component_specs.CUSTOM_CONFIG_KEY: proto_utils.proto_to_json(
+            make_custom_config(**options)
+        ),
+    }
+    ImageFolderExecutor().Do(
+        {}, {standard_component_specs.EXAMPLES_KEY: [examples]}, exec_properties
+    )
+    return examples.split_names
+
+
+def _read_split(out_dir: pathlib.Path, split: str) -> dict[str, dict]:
+    files = sorted(str(p) for p in (out_dir / f"Split-{split}").glob("*.gz"))
+    assert files, f"no TFRecord files for split {split}"
+    records = {}
+    for serialized in tf.data.TFRecordDataset(files, compression_type="GZIP"):
+        feature = tf.train.Example.FromString(serialized.numpy()).features.feature
+        filename = feature["filename"].bytes_list.value[0].decode()
+        records[filename] = {
+            "image": feature["image"].bytes_list.value[0],
+            "label": list(feature["label"].int64_list.value),
+            "label_name": feature["label_name"].bytes_list.value[0].decode(),
+        }
+    return records
+
+
+def _report(out_dir: pathlib.Path) -> dict:
+    return json.loads((out_dir / REPORT_FILE).read_text())
+
+
+def test_examples_and_report(image_tree: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "out"
+    split_names = _run(image_tree, out, ["train", "test"], max_bad_fraction=0.5)
+    assert json.loads(split_names) == ["train", "test"]
+
+    for split in ("train", "test"):
+        expected = {k.split("/", 1)[1]: v for k, v in GOOD_FILES.items() if k.startswith(split)}
+        records = _read_split(out, split)
+        assert sorted(records) == sorted(expected)
+        for filename, record in records.items():
+            class_name = filename.split("/")[0]
+            assert record["image"] == expected[filename]  # original bytes, untouched
+            assert record["label"] == [SORTED_IDS[class_name]]
+            assert record["label_name"] == class_name
+            # Whatever passed the check must decode downstream in TensorFlow.
+            decoded = tf.io.decode_image(record["image"], channels=3, expand_animations=False)
+            assert decoded.shape == (10, 12, 3)
+
+    report = _report(out)
+    assert report["class_names"] == sorted(SORTED_IDS)
+    train, test = report["splits"]["train"], report["splits"]["test"]
+    assert (train["total_files"], train["written"], train["skipped"]) == (10, 6, 4)
+    assert (test["total_files"], test["written"], test["skipped"]) == (2, 2, 0)
+    assert train["folder"] == str(image_tree / "train")
+    reasons = {r["path"]: r["reason"] for r in train["skipped_files"]}
+    assert sorted(reasons) == sorted(k.split("/", 1)[1] for k in BAD_FILES)
+    for relative, (_, reason) in BAD_FILES.items():
+        assert reasons[relative.split("/", 1)[1]].startswith(reason)
+    assert "truncated" in reasons["cat/broken.jpg"]
+    assert not (out / "_image_report_tmp").exists()
+
+
+def test_too_many_bad_files_raises_after_writing_report(
+    image_tree: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(ImageDataError) as error:
+        _run(image_tree, out, ["train"], max_bad_fraction=0.2)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "split 'train'" in message and "4 of 10" in message
+    assert str(out / REPORT_FILE) in message
+    assert _report(out)["splits"]["train"]["skipped"] == 4
+
+
+def test_split_without_images_raises(image_tree: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    (image_tree / "extra" / "cat").mkdir(parents=True)
+    (image_tree / "extra" / "cat" / ".hidden.png").write_bytes(GOOD_FILES["test/fish/h.png"])
+    out = tmp_path / "out"
+    with pytest.raises(ImageDataError, match=r"split 'extra' has no usable images in .*extra"):
+        _run(image_tree, out, ["test", "extra"])
+    assert _report(out)["splits"]["extra"]["total_files"] == 0
+
+
+def test_labels_file_and_max_images_per_class(
+    image_tree: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    labels = ["zebra", "dog", "fish", "cat", "bird"]
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("\n".join(labels) + "\n")
+    out = tmp_path / "out"
+    _run(image_tree, out, ["train", "test"], labels_file=str(labels_file), max_images_per_class=1)
+    train = _read_split(out, "train")
+    # First file per class in sorted name order: bird/e.bmp < bird/f.JPEG < bird/notes.txt,
+    # cat/.hidden.jpg is ignored so cat/a.jpg comes first, dog/c.png < dog/d.gif < dog/empty.png.
+    assert sorted(train) == ["bird/e.bmp", "cat/a.jpg", "dog/c.png"]
+    for filename, record in train.items():
+        assert record["label"] == [labels.index(filename.split("/")[0])]
+    assert _read_split(out, "test")["fish/h.png"]["label"] == [2]
+    assert _report(out)["class_names"] == labels
+
+
+def test_labels_file_missing_a_class_folder(
+    image_tree: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("cat\ndog\nbird\n")
+    with pytest.raises(ImageDataError, match=r"Split 'test'.*\['fish'\].*not in labels file"):
+        _run(image_tree, tmp_path / "out", ["train", "test"], labels_file=str(labels_file))
+
+
+def test_discover_splits(image_tree: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    (image_tree / "notes").mkdir()  # no class folders inside: not a split
+    assert discover_splits(str(image_tree)) == ["test", "train"]
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(ValueError, match="No split folders"):
+        discover_splits(str(tmp_path / "flat"))
+
+
+def test_make_image_example_gen(image_tree: pathlib.Path) -> None:
+    component = make_image_example_gen(str(image_tree), ["train"], max_images_per_class=7)
+    params = component.exec_properties
+    assert params["input_base"] == str(image_tree)
+    assert json.loads(params["input_config"]) == {
+        "splits": [{"name": "train", "pattern": "train/*/*"}]
+    }
+    assert json.loads(params["output_config"]) == {}  # keeps the folder split, no hashing
+    assert json.loads(params["custom_config"])["custom_config"]["value"] == {
+        "labels_file": None,
+        "max_bad_fraction": 0.01,
+        "max_images_per_class": 7,
+    }
+    assert component.executor_spec.executor_class is ImageFolderExecutor
+    with pytest.raises(ValueError, match="max_bad_fraction"):
+        make_image_example_gen(str(image_tree), ["train"], max_bad_fraction=1.5)

@@ -1,0 +1,193 @@
+"""tf.Transform preprocessing: decode images once, store them compactly, make labels ids.
+
+Decoding and resizing arbitrary image files is done once here rather than every training step.
+Images are stored either as a serialized uint8 tensor (smallest decode cost, fine for small
+images such as CIFAR) or as a quality-95 JPEG (keeps ImageNet-size datasets small on disk).
+Random augmentation is deliberately absent: anything applied here would be frozen per example,
+while SimCLR needs fresh augmentations at every step.
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import tensorflow as tf
+import tensorflow_transform as tft
+
+IMAGE_KEY = "image"
+LABEL_KEY = "label"
+KEY_KEY = "key"
+LABEL_NAMES_VOCAB = "label_names"
+
+IMAGE_FORMATS = ("raw", "jpeg")
+JPEG_QUALITY = 95
+
+_LABEL_NAME_FEATURE = "label_name"
+# Identity candidates in order of preference; the image fingerprint is the last resort.
+_KEY_FEATURES = ("filename", "file_name", "id")
+_HEX_DIGITS = tuple("0123456789abcdef")
+
+
+def _as_vector(tensor: tf.Tensor | tf.SparseTensor, name: str) -> tf.Tensor:
+    """Returns a [batch] dense tensor for a feature that has exactly one value per example."""
+    if isinstance(tensor, tf.SparseTensor):
+        rows, cols = tensor.dense_shape[0], tensor.dense_shape[1]
+        # At most one column and as many values as rows means exactly one value in every row.
+        checks = [
+            tf.debugging.assert_less_equal(
+                cols, tf.constant(1, tf.int64), message=f"{name}: more than one value in a row"
+            ),
+            tf.debugging.assert_equal(
+                tf.size(tensor.values, out_type=tf.int64),
+                rows,
+                message=f"{name}: every example needs exactly one value",
+            ),
+        ]
+        with tf.control_dependencies(checks):
+            return tf.reshape(tf.sparse.to_dense(tensor), [rows])
+    return tf.reshape(tensor, [tf.shape(tensor)[0]])
+
+
+def _resize_and_center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+    """Scales the shorter side to `size` (keeping aspect ratio) and crops the center square."""
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    shorter = tf.minimum(height, width)
+
+    def resize() -> tf.Tensor:
+        scale = size / tf.cast(shorter, tf.float64)
+        new_height = tf.maximum(
+            size, tf.cast(tf.round(tf.cast(height, tf.float64) * scale), tf.int32)
+        )
+        new_width = tf.maximum(
+            size, tf.cast(tf.round(tf.cast(width, tf.float64) * scale), tf.int32)
+        )
+        # Antialiasing matters when shrinking large photos; bicubic may overshoot, hence the clip.
+        resized = tf.image.resize(image, [new_height, new_width], method="bicubic", antialias=True)
+        return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+
+    scaled = tf.cond(tf.equal(shorter, size), lambda: image, resize)
+    top = (tf.shape(scaled)[0] - size) // 2
+    left = (tf.shape(scaled)[1] - size) // 2
+    return tf.ensure_shape(scaled[top : top + size, left : left + size, :], [size, size, 3])
+
+
+def _encode_images(encoded: tf.Tensor, image_size: int, image_format: str) -> tf.Tensor:
+    """Decodes any JPEG/PNG/GIF/BMP file, makes it image_size² RGB and re-encodes it compactly."""
+
+    def one(data: tf.Tensor) -> tf.Tensor:
+        image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
+        image = _resize_and_center_crop(image, image_size)
+        if image_format == "jpeg":
+            return tf.io.encode_jpeg(image, quality=JPEG_QUALITY)
+        return tf.io.serialize_tensor(image)
+
+    return tf.map_fn(one, encoded, fn_output_signature=tf.TensorSpec([], tf.string))
+
+
+def decode_stored_image(serialized: tf.Tensor, image_size: int, image_format: str) -> tf.Tensor:
+    """Inverse of the stored encoding: a scalar string -> uint8 [image_size, image_size, 3]."""
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+    if image_format == "jpeg":
+        image = tf.io.decode_jpeg(serialized, channels=3)
+    else:
+        image = tf.io.parse_tensor(serialized, out_type=tf.uint8)
+    return tf.ensure_shape(image, [image_size, image_size, 3])
+
+
+def _hex_fingerprint(data: tf.Tensor) -> tf.Tensor:
+    """16-character lowercase hex of the 64-bit fingerprint of each string."""
+    fingerprint = tf.cast(tf.fingerprint(data), tf.int32)  # [batch, 8] bytes
+    nibbles = tf.stack([fingerprint // 16, fingerprint % 16], axis=-1)
+    digits = tf.gather(tf.constant(_HEX_DIGITS), tf.reshape(nibbles, [-1, 16]))
+    return tf.strings.reduce_join(digits, axis=-1)
+
+
+def _example_key(inputs: Mapping[str, Any], encoded_images: tf.Tensor) -> tf.Tensor:
+    for feature in _KEY_FEATURES:
+        if feature in inputs:
+            key = _as_vector(inputs[feature], feature)
+            return key if key.dtype == tf.string else tf.strings.as_string(key)
+    return _hex_fingerprint(encoded_images)
+
+
+def _sorted_class_ids(names: tf.Tensor) -> tf.Tensor:
+    """Maps class names to their rank among all class names of the analyzed data, sorted bytewise.
+
+    tft vocabularies only order by frequency, so ids would depend on class counts. Instead the
+    distinct names are collected by an analyzer and sorted with a set operation (its output is
+    sorted), which reproduces the usual "sorted class folder names" numbering. Names unseen
+    during analysis map to -1.
+    """
+    distinct, _ = tft.count_per_key(names, name="class_names")
+    vocabulary = tf.sets.union(distinct[tf.newaxis], distinct[tf.newaxis]).values
+    matches = tf.equal(names[:, tf.newaxis], vocabulary[tf.newaxis, :])
+    found = tf.reduce_any(matches, axis=1)
+    return tf.where(found, tf.argmax(tf.cast(matches, tf.int32), axis=1), tf.constant(-1, tf.int64))
+
+
+def _configured_names(ids: tf.Tensor, label_names: Sequence[str]) -> tf.Tensor:
+    """Looks ids up in a configured name list; ids outside it are named by their number."""
+    if not label_names:
+        return tf.strings.as_string(ids)
+    table = tf.constant(list(label_names), tf.string)
+    in_range = tf.logical_and(ids >= 0, ids < len(label_names))
+    looked_up = tf.gather(table, tf.clip_by_value(ids, 0, len(label_names) - 1))
+    return tf.where(in_range, looked_up, tf.strings.as_string(ids))
+
+
+def preprocessing_fn(inputs: dict, custom_config: dict) -> dict:
+    """Decodes and stores images, assigns integer labels and emits the id->name vocabulary.
+
+    custom_config: `image_size` (stored square side), `image_format` ('raw' or 'jpeg', default
+    'raw'), optional `label_names` (names for integer ids when the data carries none).
+    """
+    image_size = int(custom_config["image_size"])
+    image_format = custom_config.get("image_format", "raw")
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+
+    encoded = _as_vector(inputs[IMAGE_KEY], IMAGE_KEY)
+    raw_label = _as_vector(inputs[LABEL_KEY], LABEL_KEY)
+    if raw_label.dtype == tf.string:
+        label = _sorted_class_ids(raw_label)
+        names = raw_label
+    elif raw_label.dtype.is_integer:
+        label = tf.cast(raw_label, tf.int64)
+        names = _configured_names(label, custom_config.get("label_names") or ())
+    else:
+        raise TypeError(f"label must be an integer id or a string name, got {raw_label.dtype}")
+    if _LABEL_NAME_FEATURE in inputs:
+        names = _as_vector(inputs[_LABEL_NAME_FEATURE], _LABEL_NAME_FEATURE)
+
+    # Written as a side output; the Trainer reads it to name classes at serving time.
+    id_name_pairs = tf.strings.join([tf.strings.as_string(label), names], separator="\t")
+    tft.vocabulary(id_name_pairs, vocab_filename=LABEL_NAMES_VOCAB, name=LABEL_NAMES_VOCAB)
+
+    return {
+        IMAGE_KEY: _encode_images(encoded, image_size, image_format),
+        LABEL_KEY: label,
+        KEY_KEY: _example_key(inputs, encoded),
+    }
+
+
+def read_label_names(tf_transform_output: tft.TFTransformOutput) -> list[str]:
+    """Class names indexed by id; ids never seen are named by their number.
+
+    The vocabulary lists the most frequent pair first, so if an id was seen with several names,
+    its most frequent name wins.
+    """
+    names: dict[int, str] = {}
+    for entry in tf_transform_output.vocabulary_by_name(LABEL_NAMES_VOCAB):
+        text = entry.decode("utf-8") if isinstance(entry, bytes) else str(entry)
+        class_id, _, name = text.partition("\t")
+        index = int(class_id)
+        if index >= 0:
+            names.setdefault(index, name)
+    size = max(names) + 1 if names else 0
+    return [names.get(index, str(index)) for index in range(size)]
+
+
+def num_classes(tf_transform_output: tft.TFTransformOutput) -> int:
+    """Largest class id seen during analysis plus one."""
+    return len(read_label_names(tf_transform_output))
