@@ -1,8 +1,8 @@
 """Run the SimCLR TFX pipeline on this machine (LocalDagRunner + Beam DirectRunner).
 
-    python local_runner.py                       # embedded digits dataset, minutes on a laptop
-    python local_runner.py --dataset=cifar10 --data_dir=../shared/data/cifar10 --train_steps=200
-    python local_runner.py --help                # every option, its meaning and default
+python local_runner.py                       # embedded digits dataset, minutes on a laptop
+python local_runner.py --dataset=cifar10 --data_dir=../shared/data/cifar10 --train_steps=200
+python local_runner.py --help                # every option, its meaning and default
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline import cli
 
     config, _ = cli.parse_config(
-        argv, prog="local_runner.py",
+        argv,
+        prog="local_runner.py",
         description="SimCLR pretraining, fine-tuning, TFMA evaluation and pushing as a TFX "
         "pipeline, run locally.",
     )
@@ -57,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         if config.data.dataset == "digits" and not config.data.data_dir:
             config.data.data_dir = str(write_digits_dataset(os.path.join(model_dir, "data")))
         layout = pipeline_lib.inspect_data(
-            config.data.data_dir, config.data.data_format, config.data.train_split,
+            config.data.data_dir,
+            config.data.data_format,
+            config.data.train_split,
             config.data.eval_split,
         )
     except ValueError as e:
@@ -74,16 +77,21 @@ def main(argv: list[str] | None = None) -> int:
         push_dir=push_dir,
         beam_pipeline_args=_beam_args(config.runner.beam_mode, config.runner.beam_workers),
     )
-    print(f"data: {layout.data_dir} ({layout.data_format}, splits {list(layout.splits)}, "
-          f"train={layout.train_split}, eval={layout.eval_split})", flush=True)
+    print(
+        f"data: {layout.data_dir} ({layout.data_format}, splits {list(layout.splits)}, "
+        f"train={layout.train_split}, eval={layout.eval_split})",
+        flush=True,
+    )
     print(f"outputs: {model_dir}", flush=True)
     started = time.time()
     try:
         tfx.orchestration.LocalDagRunner().run(pipeline)
     except Exception as e:  # noqa: BLE001 - report one line, keep what was produced
         message = str(e).strip().splitlines()
-        print(f"error: pipeline failed: {type(e).__name__}: "
-              f"{message[-1] if message else ''}", file=sys.stderr)
+        print(
+            f"error: pipeline failed: {type(e).__name__}: {message[-1] if message else ''}",
+            file=sys.stderr,
+        )
         print(f"(outputs produced so far are kept under {model_dir})", file=sys.stderr)
         return 1
     print(f"pipeline finished in {time.time() - started:.0f} s", flush=True)

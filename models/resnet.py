@@ -379,7 +379,9 @@ class ResNet(keras.Model):
         super().__init__(name=name, **kwargs)
         if depth not in BLOCKS_PER_GROUP:
             raise ValueError(f"resnet_depth must be one of {sorted(BLOCKS_PER_GROUP)}, got {depth}")
-        if not (0 < width_multiplier < 1 or float(width_multiplier).is_integer()):
+        if width_multiplier <= 0 or not (
+            width_multiplier < 1 or float(width_multiplier).is_integer()
+        ):
             raise ValueError(
                 f"width_multiplier must be a positive integer or a fraction below 1, "
                 f"got {width_multiplier}"

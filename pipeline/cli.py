@@ -57,19 +57,17 @@ def build_parser(prog: str, description: str, extra: list[tuple[str, dict]] | No
             kwargs["choices"] = f.metadata["choices"]
         if kind is bool:
             group.add_argument(f"--{flag}", nargs="?", const=True, type=_parse_bool, **kwargs)
-            group.add_argument(f"--no{flag}", dest=flag, action="store_false",
-                               help=argparse.SUPPRESS)
+            group.add_argument(
+                f"--no{flag}", dest=flag, action="store_false", help=argparse.SUPPRESS
+            )
         else:
             group.add_argument(f"--{flag}", type=kind, **kwargs)
     for name, kwargs in extra or []:
         parser.add_argument(name, **kwargs)
-    parser.epilog = (
-        "Dataset presets (applied when the flag is not given): "
-        + "; ".join(
-            f"{name}: " + ", ".join(f"{k.split('.')[-1]}={v}" for k, v in preset.items())
-            for name, preset in configs.DATASET_PRESETS.items()
-            if preset
-        )
+    parser.epilog = "Dataset presets (applied when the flag is not given): " + "; ".join(
+        f"{name}: " + ", ".join(f"{k.split('.')[-1]}={v}" for k, v in preset.items())
+        for name, preset in configs.DATASET_PRESETS.items()
+        if preset
     )
     return parser
 

@@ -41,7 +41,8 @@ class DataConfig:
     dataset: str = opt(
         "digits",
         "Dataset: 'digits' (embedded: scikit-learn's handwritten digits rendered as 32x32 PNG "
-        "class folders, no download), 'cifar10', 'imagenet2012', or 'folder' (any class-folder tree).",
+        "class folders, no download), 'cifar10', 'imagenet2012', or 'folder' (any class-folder "
+        "tree).",
         choices=DATASETS,
     )
     data_dir: str = opt(
@@ -61,8 +62,9 @@ class DataConfig:
         "'validation'.",
     )
     labels_file: str = opt(
-        "", "Optional file with one class name per line (line i = class id i); default: sorted "
-        "class-folder names."
+        "",
+        "Optional file with one class name per line (line i = class id i); default: sorted "
+        "class-folder names.",
     )
     max_bad_fraction: float = opt(
         0.01, "Fail ingestion when more than this fraction of a split's files are unreadable."
@@ -94,7 +96,9 @@ class DataConfig:
 class AugmentConfig:
     color_jitter_strength: float = opt(1.0, "The strength of color jittering.")
     color_jitter_impl: str = opt(
-        "v2", "Color jitter variant: 'v2' (multiplicative brightness, SimCLRv2) or 'v1' (additive).", choices=("v1", "v2")
+        "v2",
+        "Color jitter variant: 'v2' (multiplicative brightness, SimCLRv2) or 'v1' (additive).",
+        choices=("v1", "v2"),
     )
     use_blur: bool = opt(True, "Gaussian blur (p=0.5, sigma per image) during pretraining.")
 
@@ -251,9 +255,7 @@ class SimCLRConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    finetune: FinetuneConfig = field(
-        default_factory=lambda: FinetuneConfig(**FINETUNE_DEFAULTS)
-    )
+    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(**FINETUNE_DEFAULTS))
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
@@ -452,8 +454,11 @@ def validate(config: SimCLRConfig, num_replicas: int = 1) -> None:
     need(d.max_images_per_class >= 0, "max_images_per_class", "must be >= 0")
     if d.labels_file:
         need(os.path.isfile(d.labels_file), "labels_file", f"no such file: {d.labels_file}")
-    need(m.resnet_depth in RESNET_DEPTHS, "resnet_depth", f"must be one of {RESNET_DEPTHS}, "
-         f"got {m.resnet_depth}")
+    need(
+        m.resnet_depth in RESNET_DEPTHS,
+        "resnet_depth",
+        f"must be one of {RESNET_DEPTHS}, got {m.resnet_depth}",
+    )
     need(m.width_multiplier > 0, "width_multiplier", "must be positive")
     need(
         m.width_multiplier < 1 or float(m.width_multiplier).is_integer(),
@@ -475,22 +480,31 @@ def validate(config: SimCLRConfig, num_replicas: int = 1) -> None:
     for name in stages:
         s = config.stage(name)
         prefix = "finetune_" if (name == "finetune" and config.train_mode == "pretrain") else ""
-        need(s.train_batch_size > 0, prefix + "train_batch_size",
-             f"must be positive, got {s.train_batch_size}")
+        need(
+            s.train_batch_size > 0,
+            prefix + "train_batch_size",
+            f"must be positive, got {s.train_batch_size}",
+        )
         need(
             s.train_batch_size % num_replicas == 0,
             prefix + "train_batch_size",
             f"{s.train_batch_size} is not divisible by the {num_replicas} replicas",
         )
-        need(s.train_epochs > 0 or s.train_steps > 0, prefix + "train_epochs",
-             "train_epochs or train_steps must be positive")
+        need(
+            s.train_epochs > 0 or s.train_steps > 0,
+            prefix + "train_epochs",
+            "train_epochs or train_steps must be positive",
+        )
         need(s.train_steps >= 0, prefix + "train_steps", "must be >= 0")
         need(s.learning_rate >= 0, prefix + "learning_rate", "must be >= 0")
         need(s.warmup_epochs >= 0, prefix + "warmup_epochs", "must be >= 0")
         need(s.weight_decay >= 0, prefix + "weight_decay", "must be >= 0")
         need(s.optimizer in OPTIMIZERS, prefix + "optimizer", f"must be one of {OPTIMIZERS}")
-        need(s.checkpoint_epochs > 0 or s.checkpoint_steps > 0, prefix + "checkpoint_epochs",
-             "checkpoint_epochs or checkpoint_steps must be positive")
+        need(
+            s.checkpoint_epochs > 0 or s.checkpoint_steps > 0,
+            prefix + "checkpoint_epochs",
+            "checkpoint_epochs or checkpoint_steps must be positive",
+        )
     need(config.pretrain.temperature > 0, "temperature", "must be positive")
     f = config.finetune
     need(-1 <= f.fine_tune_after_block <= 4, "fine_tune_after_block", "must be in [-1, 4]")

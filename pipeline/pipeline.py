@@ -79,11 +79,13 @@ def eval_config(config: SimCLRConfig) -> tfma.EvalConfig:
 
     def overall(threshold: tfma.MetricThreshold) -> list[tfma.PerSliceMetricThreshold]:
         # Gate on the whole eval split only; per-label slices are reported, not gated.
-        return [tfma.PerSliceMetricThreshold(slicing_specs=[tfma.SlicingSpec()],
-                                             threshold=threshold)]
+        return [
+            tfma.PerSliceMetricThreshold(slicing_specs=[tfma.SlicingSpec()], threshold=threshold)
+        ]
 
-    top1 = tfma.MetricConfig(class_name="SparseCategoricalAccuracy",
-                             per_slice_thresholds=overall(top1_threshold))
+    top1 = tfma.MetricConfig(
+        class_name="SparseCategoricalAccuracy", per_slice_thresholds=overall(top1_threshold)
+    )
     top5 = tfma.MetricConfig(class_name="SparseTopKCategoricalAccuracy", config='{"k": 5}')
     if gates.min_top5 > 0:
         top5.per_slice_thresholds.extend(overall(top5_threshold))
@@ -130,9 +132,11 @@ def create_pipeline(
     else:
         example_gen = ImportExampleGen(
             input_base=layout.data_dir,
-            input_config=tfx.proto.Input(splits=[
-                tfx.proto.Input.Split(name=s, pattern=f"*-{s}.tfrecord*") for s in layout.splits
-            ]),
+            input_config=tfx.proto.Input(
+                splits=[
+                    tfx.proto.Input.Split(name=s, pattern=f"*-{s}.tfrecord*") for s in layout.splits
+                ]
+            ),
         )
     statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
     schema_gen = tfx.components.SchemaGen(
@@ -202,7 +206,8 @@ def create_pipeline(
         enable_cache=config.runner.enable_cache,
         metadata_connection_config=(
             tfx.orchestration.metadata.sqlite_metadata_connection_config(metadata_path)
-            if metadata_path else None
+            if metadata_path
+            else None
         ),
         beam_pipeline_args=beam_pipeline_args,
     )

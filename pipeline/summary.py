@@ -88,8 +88,11 @@ def latest_run(metadata_path: str) -> RunSummary:
     summary.components = sorted(set(node_of.values()))
     artifact_types = {t.id: t.name for t in store.get_artifact_types()}
     events = store.get_events_by_execution_ids(list(run_execution_ids))
-    outputs = [ev for ev in events if ev.type in (metadata_store_pb2.Event.OUTPUT,
-                                                  metadata_store_pb2.Event.DECLARED_OUTPUT)]
+    outputs = [
+        ev
+        for ev in events
+        if ev.type in (metadata_store_pb2.Event.OUTPUT, metadata_store_pb2.Event.DECLARED_OUTPUT)
+    ]
     producer_of = {ev.artifact_id: node_of.get(ev.execution_id, "") for ev in outputs}
     artifacts = store.get_artifacts_by_id(list(producer_of))
     for a in artifacts:
@@ -146,8 +149,7 @@ def _read_evaluation(summary: RunSummary) -> None:
         for failure in per_slice.failures:
             threshold = failure.metric_threshold
             if threshold.HasField("change_threshold"):
-                limit = (f"change vs. baseline >= "
-                         f"{threshold.change_threshold.absolute.value:+.4f}")
+                limit = f"change vs. baseline >= {threshold.change_threshold.absolute.value:+.4f}"
             else:
                 limit = f">= {threshold.value_threshold.lower_bound.value:.4f}"
             summary.failures.append(

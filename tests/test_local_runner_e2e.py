@@ -15,14 +15,29 @@ from pipeline import summary as summary_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMPONENTS = {
-    "FileBasedExampleGen", "StatisticsGen", "SchemaGen", "ExampleValidator", "Transform",
-    "pretrain_trainer", "finetune_trainer", "latest_blessed_model_resolver", "Evaluator",
+    "FileBasedExampleGen",
+    "StatisticsGen",
+    "SchemaGen",
+    "ExampleValidator",
+    "Transform",
+    "pretrain_trainer",
+    "finetune_trainer",
+    "latest_blessed_model_resolver",
+    "Evaluator",
     "Pusher",
 }
 TINY = [
-    "--dataset=cifar10", "--image_size=32", "--resnet_depth=18", "--width_multiplier=0.125",
-    "--proj_out_dim=16", "--train_batch_size=32", "--train_steps=3", "--finetune_train_batch_size=32",
-    "--finetune_train_steps=3", "--eval_batch_size=64", "--log_every_steps=1",
+    "--dataset=cifar10",
+    "--image_size=32",
+    "--resnet_depth=18",
+    "--width_multiplier=0.125",
+    "--proj_out_dim=16",
+    "--train_batch_size=32",
+    "--train_steps=3",
+    "--finetune_train_batch_size=32",
+    "--finetune_train_steps=3",
+    "--eval_batch_size=64",
+    "--log_every_steps=1",
 ]
 
 
@@ -40,7 +55,11 @@ def run_pipeline(args: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, TF_USE_LEGACY_KERAS="1")
     result = subprocess.run(
         [sys.executable, "local_runner.py", *args],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200,
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     print(result.stdout[-5000:])
     print(result.stderr[-5000:], file=sys.stderr)
