@@ -101,7 +101,27 @@ def select_label_fraction(
     return np.array(chosen, dtype=object)
 
 
-def _keep_only(keys: np.ndarray) -> Callable[[dict], tf.Tensor]:
+def select_listed(keys: np.ndarray, list_file: str) -> np.ndarray:
+    """Keys whose base name is listed in `list_file` (one file name a line; local or gs://).
+
+    Keys are paths relative to the split folder (`n01440764/n01440764_10026.JPEG`) or TFDS
+    file names (`n01440764_10026.JPEG`); the published ImageNet subset lists hold base names.
+    """
+    with tf.io.gfile.GFile(list_file) as f:
+        listed = {line.strip() for line in f.read().splitlines() if line.strip()}
+    if not listed:
+        raise ValueError(f"--label_subset: {list_file} lists no files")
+    chosen = [k for k in keys if bytes(k).decode().rsplit("/", 1)[-1] in listed]
+    if not chosen:
+        raise ValueError(
+            f"--label_subset: none of the {len(listed)} files listed in {list_file} is in the "
+            f"training split ({len(keys)} examples)"
+        )
+    return np.array(chosen, dtype=object)
+
+
+def _membership(keys: np.ndarray) -> Callable[[dict], tf.Tensor]:
+    """Predicate on a parsed example: is its key one of `keys`?"""
     table = tf.lookup.StaticHashTable(
         tf.lookup.KeyValueTensorInitializer(
             tf.constant(list(keys), tf.string), tf.ones([len(keys)], tf.int64)
@@ -123,6 +143,7 @@ def train_dataset(
     seed: int,
     skip_examples: int = 0,
     keep_keys: np.ndarray | None = None,
+    labeled_keys: np.ndarray | None = None,
     cache: bool = False,
     shard: tuple[int, int] = (1, 0),
 ) -> tf.data.Dataset:
@@ -130,7 +151,9 @@ def train_dataset(
 
     contrastive=True yields (view1, view2, label) with two independent SimCLR views; otherwise
     (image, label) with crop+flip only, as the reference fine-tunes. `skip_examples` resumes the
-    deterministic record order after a restart without decoding the skipped records. `shard`
+    deterministic record order after a restart without decoding the skipped records.
+    `keep_keys` drops every other example; `labeled_keys` keeps them all but sets label -1
+    outside the set (distillation's unlabeled images). `shard`
     is (number of input pipelines, this pipeline's index) for multi-worker training.
     """
     ds = _record_dataset(files, shuffle=True, seed=seed)
@@ -139,11 +162,25 @@ def train_dataset(
     if cache:
         ds = ds.cache()
     ds = ds.shuffle(10_000, seed=seed, reshuffle_each_iteration=True).repeat()
+    if keep_keys is not None:
+        # Before skip, which counts consumed (kept) examples, and before decoding any image.
+        is_kept = _membership(keep_keys)
+        key_only = {tp.KEY_KEY: tf.io.FixedLenFeature([], tf.string)}
+        ds = ds.filter(
+            lambda s: is_kept({"key": tf.io.parse_single_example(s, key_only)[tp.KEY_KEY]})
+        )
     if skip_examples:
         ds = ds.skip(skip_examples)
     ds = ds.map(_parse(spec), num_parallel_calls=AUTOTUNE)
-    if keep_keys is not None:
-        ds = ds.filter(_keep_only(keep_keys))
+    if labeled_keys is not None:
+        is_labeled = _membership(labeled_keys)
+        ds = ds.map(
+            lambda ex: {
+                **ex,
+                "label": tf.where(is_labeled(ex), ex["label"], tf.constant(-1, tf.int64)),
+            },
+            num_parallel_calls=AUTOTUNE,
+        )
 
     def view(image: tf.Tensor) -> tf.Tensor:
         return augment.preprocess_for_train(

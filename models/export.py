@@ -6,6 +6,10 @@ Two signatures:
   is served.
 - `serving_images`: float32 images [N, H, W, 3] in [0, 1] → the reference's named endpoints.
 
+Calling the loaded object, `loaded(images, trainable=False)`, returns the same endpoint dict, as
+the released SimCLR TF2 SavedModels do, so our exports and the released checkpoints can both
+serve as `--checkpoint` base models (see `SavedModelBackbone` in models/model.py).
+
 The module keeps the Keras model at attribute `model`, so the SavedModel's variables form an
 object-based checkpoint whose paths (`model/resnet/...`) the finetune stage restores directly.
 """
@@ -48,10 +52,21 @@ class ServingModule(tf.Module):
             self._serve_images,
             input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="images")],
         )
+        # The released-checkpoint calling convention: a `__call__` with a Python bool
+        # `trainable`, traced once for each value, plus the variables a fine-tuner trains.
+        self.trainable_variables_list = model.trainable_variables
+        endpoints = tf.function(self._endpoints, autograph=False)
+        image_spec = tf.TensorSpec([None, None, None, 3], tf.float32)
+        for trainable in (True, False):
+            endpoints.get_concrete_function(image_spec, trainable=trainable)
+        self.__call__ = endpoints
+
+    def _endpoints(self, images: tf.Tensor, trainable: bool) -> dict[str, tf.Tensor]:
+        outputs = self.model(images, training=trainable)
+        return {name: tf.cast(outputs[name], tf.float32) for name in ENDPOINTS if name in outputs}
 
     def _serve_images(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
-        outputs = self.model(images, training=False)
-        return {name: tf.cast(outputs[name], tf.float32) for name in ENDPOINTS}
+        return self._endpoints(images, trainable=False)
 
     def _serve_examples(self, examples: tf.Tensor) -> dict[str, tf.Tensor]:
         raw = tf.io.parse_example(examples, self._raw_image_spec)

@@ -23,6 +23,42 @@ ENDPOINTS = (
 )
 
 
+BACKBONE_ENDPOINTS = ENDPOINTS[:7]
+
+
+class SavedModelBackbone(keras.layers.Layer):
+    """A backbone from a SavedModel in the released SimCLR TF2 format.
+
+    That format is `loaded(images, trainable=bool)` → dict with `final_avg_pool` and the block
+    endpoints, plus `trainable_variables_list`; our own exports follow it too. With `frozen`
+    (fine_tune_after_block=4) the backbone runs in inference mode and gets no gradient.
+    """
+
+    def __init__(self, path: str, frozen: bool = False, **kwargs):
+        super().__init__(name="resnet", **kwargs)
+        self._module = tf.saved_model.load(path)
+        if not hasattr(self._module, "trainable_variables_list"):
+            raise ValueError(
+                f"--checkpoint: {path} is not a SimCLR TF2 SavedModel (no trainable_variables_list)"
+            )
+        self.frozen = frozen
+        # Assigning the variables to the layer makes Keras track (and train) them.
+        self.backbone_variables = list(self._module.trainable_variables_list)
+        if frozen:
+            self.trainable = False
+
+    def call(self, images: tf.Tensor, training: bool = False) -> dict[str, tf.Tensor]:
+        trainable = bool(training) and not self.frozen
+        outputs = self._module(images, trainable=trainable)
+        missing = [k for k in ("final_avg_pool", "block_group4") if k not in outputs]
+        if missing:
+            raise ValueError(f"--checkpoint: the SavedModel returns no {missing}")
+        endpoints = {k: outputs[k] for k in BACKBONE_ENDPOINTS if k in outputs}
+        if self.frozen:
+            endpoints = {k: tf.stop_gradient(v) for k, v in endpoints.items()}
+        return endpoints
+
+
 class SimCLRModel(keras.Model):
     """Returns every endpoint the exported image signature serves, keyed by the reference's names.
 
@@ -40,12 +76,13 @@ class SimCLRModel(keras.Model):
         pretraining: bool,
         fine_tune_after_block: int = -1,
         zero_init_logits_layer: bool = False,
+        backbone: keras.layers.Layer | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.pretraining = pretraining
         self.ft_proj_selector = config.ft_proj_selector
-        self.resnet = ResNet(
+        self.resnet = backbone or ResNet(
             depth=config.resnet_depth,
             width_multiplier=config.width_multiplier,
             cifar_stem=image_size <= 32,

@@ -31,6 +31,7 @@ METRIC_NAMES = {
         "weight_decay",
     ),
     "finetune": ("total_loss", "supervised_loss", "supervised_acc", "weight_decay"),
+    "distill": ("total_loss", "distill_loss", "supervised_loss", "supervised_acc", "weight_decay"),
 }
 
 
@@ -149,6 +150,56 @@ def finetune_step(
     return step
 
 
+def distill_step(
+    model: keras.Model,
+    teacher,
+    optimizer: keras.optimizers.Optimizer,
+    metrics: dict[str, keras.metrics.Mean],
+    *,
+    temperature: float,
+    label_weight: float,
+    weight_decay: float,
+    optimizer_name: str,
+) -> Callable:
+    """Replica step of SimCLRv2 distillation: T^2 * CE(softmax(teacher/T), student/T).
+
+    The teacher (a loaded SavedModel, called as `teacher(images, trainable=False)`) labels every
+    image; examples with label -1 are unlabeled and skip the optional label loss.
+    """
+
+    def step(images: tf.Tensor, labels: tf.Tensor) -> None:
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        teacher_logits = tf.cast(teacher(images, trainable=False)["logits_sup"], tf.float32)
+        targets = tf.nn.softmax(teacher_logits / temperature)
+        with tf.GradientTape() as tape:
+            logits = tf.cast(model(images, training=True)["logits_sup"], tf.float32)
+            distill = temperature**2 * tf.reduce_mean(
+                tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=logits / temperature)
+            )
+            labeled = labels >= 0
+            n_labeled = tf.reduce_sum(tf.cast(labeled, tf.float32))
+            per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=tf.maximum(labels, 0), logits=logits
+            )
+            sup_loss = tf.math.divide_no_nan(
+                tf.reduce_sum(tf.where(labeled, per_example, 0.0)), n_labeled
+            )
+            wd = weight_decay_loss(model.trainable_variables, weight_decay, optimizer_name)
+            loss = distill + label_weight * sup_loss + wd
+            scaled = _scale(optimizer, loss / replicas)
+        _apply_gradients(tape, scaled, model, optimizer)
+        correct = tf.cast(tf.equal(tf.argmax(logits, -1), labels), tf.float32)
+        metrics["total_loss"].update_state(loss)
+        metrics["distill_loss"].update_state(distill)
+        metrics["supervised_loss"].update_state(sup_loss)
+        metrics["supervised_acc"].update_state(
+            tf.math.divide_no_nan(tf.reduce_sum(tf.where(labeled, correct, 0.0)), n_labeled)
+        )
+        metrics["weight_decay"].update_state(wd)
+
+    return step
+
+
 def _format_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
     hours, rest = divmod(seconds, 3600)
@@ -218,7 +269,9 @@ def run(
         now = time.perf_counter()
         values = {name: float(m.result().numpy()) for name, m in metrics.items()}
         lr = optimizer.learning_rate
-        lr_value = float(lr(step) if callable(lr) else lr)
+        # Under a strategy the optimizer's current rate is a MirroredVariable, which float()
+        # rejects; reading it as a tensor takes the local copy.
+        lr_value = float(tf.convert_to_tensor(lr(step) if callable(lr) else lr))
         with writer.as_default(step=step):
             for name, value in values.items():
                 tf.summary.scalar(f"train/{name}", value)
@@ -231,7 +284,8 @@ def run(
             shown = " | ".join(
                 f"{k} {v:.4f}"
                 for k, v in values.items()
-                if k in ("total_loss", "contrast_acc", "supervised_acc", "contrast_loss")
+                if k
+                in ("total_loss", "contrast_loss", "contrast_acc", "distill_loss", "supervised_acc")
             )
             print(
                 f"{settings.stage} step {step}/{settings.total_steps} | {shown} | "

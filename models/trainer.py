@@ -10,6 +10,7 @@ import os
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
+import dataclasses
 import json
 import logging
 from typing import Any
@@ -19,7 +20,7 @@ import tensorflow_transform as tft
 
 from models import data as data_lib
 from models import export, train_loop
-from models.model import SimCLRModel
+from models.model import SavedModelBackbone, SimCLRModel
 from models.optimizers import build_optimizer
 from models.schedule import WarmUpAndCosineDecay, total_train_steps
 from models.strategy import make_strategy, set_precision, wrap_optimizer
@@ -72,16 +73,26 @@ def run_stage(
     )
 
     labels, keys = data_lib.read_labels_and_keys(train_files)
-    keep_keys = None
-    if stage == "finetune" and config.finetune.label_fraction < 1.0:
-        keep_keys = data_lib.select_label_fraction(
+    labeled_keys = None
+    if stage != "pretrain" and config.finetune.label_subset:
+        labeled_keys = data_lib.select_listed(keys, config.finetune.label_subset)
+        print(
+            f"{stage}: {len(labeled_keys)} of {len(keys)} labeled examples "
+            f"(label_subset={config.finetune.label_subset})",
+            flush=True,
+        )
+    elif stage != "pretrain" and config.finetune.label_fraction < 1.0:
+        labeled_keys = data_lib.select_label_fraction(
             labels, keys, config.finetune.label_fraction, config.finetune.label_fraction_seed
         )
         print(
-            f"finetune: {len(keep_keys)} of {len(keys)} labeled examples "
+            f"{stage}: {len(labeled_keys)} of {len(keys)} labeled examples "
             f"(label_fraction={config.finetune.label_fraction})",
             flush=True,
         )
+    # Fine-tuning sees only the labeled subset; distillation sees every image and uses labels
+    # (of the subset) only for its optional label loss.
+    keep_keys = labeled_keys if stage == "finetune" else None
     num_examples = len(keep_keys) if keep_keys is not None else len(keys)
     if num_examples == 0:
         raise ValueError(f"{stage}: the training split has no examples")
@@ -92,19 +103,17 @@ def run_stage(
     epoch_steps = data_lib.steps_per_epoch(num_examples, batch)
     checkpoint_every = stage_cfg.checkpoint_steps or stage_cfg.checkpoint_epochs * epoch_steps
 
+    base_model = _saved_model_dir(base_model) if base_model else None
+    teacher = None
     with strategy.scope():
-        model = SimCLRModel(
-            config.model,
-            num_classes,
-            config.data.image_size,
-            pretraining=stage == "pretrain",
-            fine_tune_after_block=config.finetune.fine_tune_after_block,
-            zero_init_logits_layer=config.finetune.zero_init_logits_layer,
-        )
+        model = _build_model(config, stage, num_classes, base_model)
         model.build_for()
-        if stage == "finetune" and base_model:
+        if stage == "finetune" and base_model and not config.finetune.checkpoint:
             export.restore_backbone(model, base_model)
             print(f"finetune: backbone restored from {base_model}", flush=True)
+        if stage == "distill":
+            teacher = tf.saved_model.load(base_model)
+            print(f"distill: teacher {base_model}", flush=True)
         schedule = WarmUpAndCosineDecay(
             base_learning_rate=stage_cfg.learning_rate,
             num_examples=num_examples,
@@ -136,6 +145,17 @@ def run_stage(
             weight_decay=stage_cfg.weight_decay,
             optimizer_name=stage_cfg.optimizer,
         )
+    elif stage == "distill":
+        step_fn = train_loop.distill_step(
+            model,
+            teacher,
+            optimizer,
+            metrics,
+            temperature=config.distill.distill_temperature,
+            label_weight=config.distill.distill_label_weight,
+            weight_decay=stage_cfg.weight_decay,
+            optimizer_name=stage_cfg.optimizer,
+        )
     else:
         step_fn = train_loop.finetune_step(
             model,
@@ -157,6 +177,7 @@ def run_stage(
             seed=runtime.seed + ctx.input_pipeline_id,
             skip_examples=skip // ctx.num_input_pipelines,
             keep_keys=keep_keys,
+            labeled_keys=labeled_keys if stage == "distill" else None,
             cache=config.data.cache_dataset,
             shard=(ctx.num_input_pipelines, ctx.input_pipeline_id),
         )
@@ -188,7 +209,7 @@ def run_stage(
     )
 
     results: dict[str, float] = {}
-    if stage == "finetune" or config.pretrain.lineareval_while_pretraining:
+    if stage != "pretrain" or config.pretrain.lineareval_while_pretraining:
         results = train_loop.evaluate(
             model, data_lib.eval_dataset(eval_files, spec, runtime.eval_batch_size)
         )
@@ -221,3 +242,41 @@ def run_stage(
     export.export_serving_model(module, serving_model_dir)
     log.info("Exported %s model to %s", stage, serving_model_dir)
     return results
+
+
+def _saved_model_dir(path: str) -> str:
+    """TFX points base_model at <artifact>/Format-Serving; an imported model is the uri itself."""
+    if tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
+        return path
+    parent = os.path.dirname(path.rstrip("/"))
+    if tf.io.gfile.exists(os.path.join(parent, "saved_model.pb")):
+        return parent
+    raise ValueError(f"base model: no SavedModel at {path}")
+
+
+def _build_model(
+    config: SimCLRConfig, stage: str, num_classes: int, base_model: str | None
+) -> SimCLRModel:
+    """The network a stage trains: SimCLR (pretrain), the fine-tuned one, or the student."""
+    ft = config.finetune
+    if stage == "distill":
+        d = config.distill
+        student = dataclasses.replace(
+            config.model,
+            resnet_depth=d.distill_resnet_depth or config.model.resnet_depth,
+            width_multiplier=d.distill_width_multiplier or config.model.width_multiplier,
+        )
+        return SimCLRModel(student, num_classes, config.data.image_size, pretraining=False)
+    backbone = None
+    if stage == "finetune" and ft.checkpoint:
+        backbone = SavedModelBackbone(base_model, frozen=ft.fine_tune_after_block >= 4)
+        print(f"finetune: backbone imported from {base_model}", flush=True)
+    return SimCLRModel(
+        config.model,
+        num_classes,
+        config.data.image_size,
+        pretraining=stage == "pretrain",
+        fine_tune_after_block=ft.fine_tune_after_block,
+        zero_init_logits_layer=ft.zero_init_logits_layer,
+        backbone=backbone,
+    )

@@ -20,6 +20,7 @@ from typing import Any
 RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
 DATASETS = ("digits", "cifar10", "imagenet2012", "folder")
 TRAIN_MODES = ("pretrain", "finetune")
+STAGES = ("pretrain", "finetune", "distill")
 OPTIMIZERS = ("lars", "momentum", "adam")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 
@@ -175,12 +176,37 @@ class FinetuneConfig(StageConfig):
         1.0, "Fraction of labeled train examples used for fine-tuning (stratified, seeded)."
     )
     label_fraction_seed: int = opt(0, "Seed of the stratified label-fraction selection.")
+    label_subset: str = opt(
+        "",
+        "File listing the labeled training images, one file name a line (e.g. the SimCLR/TFDS "
+        "ImageNet 1% or 10% list); fine-tuning uses only examples whose key's base name is "
+        "listed. Replaces --label_fraction.",
+    )
+    checkpoint: str = opt(
+        "",
+        "A SavedModel in the released SimCLR TF2 format (e.g. gs://simclr-checkpoints-tf2/"
+        "simclrv2/pretrained/r50_1x_sk0/saved_model/) imported as the base model for "
+        "--train_mode=finetune, instead of pretraining.",
+    )
 
 
-# Reference defaults for the fine-tuning stage that follows pretraining (SimCLR README).
+@dataclass
+class DistillConfig(StageConfig):
+    """SimCLRv2's third step: distill the fine-tuned teacher into a student on unlabeled images."""
+
+    distill: bool = opt(False, "Add a distillation Trainer; the student is evaluated and pushed.")
+    distill_temperature: float = opt(1.0, "Distillation temperature T in T^2 * CE(t/T, s/T).")
+    distill_label_weight: float = opt(
+        0.0, "Weight of the cross-entropy on labels (of the label_fraction subset) added to it."
+    )
+    distill_resnet_depth: int = opt(0, "Student ResNet depth; 0 = the teacher's.")
+    distill_width_multiplier: float = opt(0.0, "Student width multiplier; 0 = the teacher's.")
+
+
+# The reference's fine-tuning recipe (SimCLR README), for the stage that follows pretraining.
 FINETUNE_DEFAULTS = {
     "learning_rate": 0.1,
-    "learning_rate_scaling": "sqrt",
+    "learning_rate_scaling": "linear",
     "warmup_epochs": 0.0,
     "weight_decay": 0.0,
     "optimizer": "momentum",
@@ -256,6 +282,7 @@ class SimCLRConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(**FINETUNE_DEFAULTS))
+    distill: DistillConfig = field(default_factory=lambda: DistillConfig(**FINETUNE_DEFAULTS))
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
@@ -276,7 +303,7 @@ class SimCLRConfig:
         return cls.from_dict(json.loads(text))
 
     def stage(self, name: str) -> StageConfig:
-        if name not in TRAIN_MODES:
+        if name not in STAGES:
             raise ConfigError(f"unknown Trainer stage {name!r}")
         return getattr(self, name)
 
@@ -306,8 +333,6 @@ def _dataclass_type(cls: type, name: str) -> type | None:
 
 # ----- dataset presets -----
 
-_TINY_DIGITS_STAGE = {"train_batch_size": 128}
-
 DATASET_PRESETS: dict[str, dict[str, Any]] = {
     # Small enough to pretrain + fine-tune + evaluate in a few minutes on 2 CPU cores.
     "digits": {
@@ -319,14 +344,16 @@ DATASET_PRESETS: dict[str, dict[str, Any]] = {
         "augment.color_jitter_strength": 0.5,
         "augment.use_blur": False,
         "pretrain.train_batch_size": 128,
-        "pretrain.train_epochs": 12,
+        "pretrain.train_epochs": 40,
         "pretrain.learning_rate": 1.0,
         "pretrain.weight_decay": 1e-4,
         "pretrain.temperature": 0.5,
         "pretrain.warmup_epochs": 1.0,
         "finetune.train_batch_size": 128,
-        "finetune.train_epochs": 6,
+        "finetune.train_epochs": 20,
         "finetune.learning_rate": 0.1,
+        "distill.train_batch_size": 128,
+        "distill.train_epochs": 20,
         "runtime.eval_batch_size": 256,
         "eval.min_top1": 0.3,
     },
@@ -344,7 +371,12 @@ DATASET_PRESETS: dict[str, dict[str, Any]] = {
         "pretrain.temperature": 0.5,
         "eval.min_top1": 0.2,
     },
-    "imagenet2012": {"data.image_size": 224, "data.eval_split": "validation"},
+    "imagenet2012": {
+        "data.image_size": 224,
+        "data.eval_split": "validation",
+        # 256 px JPEGs are ~1/4 the size of raw uint8 pixels (docs/cloud.md has the numbers).
+        "data.image_format": "jpeg",
+    },
     "folder": {},
 }
 
@@ -363,11 +395,11 @@ def flag_fields() -> list[tuple[str, str, dataclasses.Field, type]]:
     # fine-tuning stage that follows pretraining.
     for f in dataclasses.fields(PretrainConfig):
         out.append((f.name, f"<stage>.{f.name}", f, PretrainConfig))
-    for f in dataclasses.fields(FinetuneConfig):
-        if f.name in {g.name for g in dataclasses.fields(StageConfig)}:
-            out.append((f"finetune_{f.name}", f"finetune.{f.name}", f, FinetuneConfig))
-        else:
-            out.append((f.name, f"finetune.{f.name}", f, FinetuneConfig))
+    stage_names = {g.name for g in dataclasses.fields(StageConfig)}
+    for stage, cls in (("finetune", FinetuneConfig), ("distill", DistillConfig)):
+        for f in dataclasses.fields(cls):
+            flag = f"{stage}_{f.name}" if f.name in stage_names else f.name
+            out.append((flag, f"{stage}.{f.name}", f, cls))
     return out
 
 
@@ -403,12 +435,12 @@ def build_config(overrides: dict[str, Any]) -> SimCLRConfig:
     dataset = overrides.get("dataset", config.data.dataset)
     if dataset not in DATASETS:
         raise ConfigError(f"--dataset must be one of {DATASETS}, got {dataset!r}")
-    for path, value in DATASET_PRESETS[dataset].items():
-        set_path(config, path, value)
     if train_mode == "finetune":
         # Supervised-only training: the reference flags configure the finetune stage, which
         # then starts from the stage defaults rather than the post-pretraining recipe.
         config.finetune = FinetuneConfig()
+    for path, value in DATASET_PRESETS[dataset].items():
+        set_path(config, path, value)
     for flag, value in overrides.items():
         path, _ = by_flag[flag]
         if path.startswith("<stage>."):
@@ -479,7 +511,7 @@ def validate(config: SimCLRConfig, num_replicas: int = 1) -> None:
     stages = ["pretrain", "finetune"] if config.train_mode == "pretrain" else ["finetune"]
     for name in stages:
         s = config.stage(name)
-        prefix = "finetune_" if (name == "finetune" and config.train_mode == "pretrain") else ""
+        prefix = "" if name == config.train_mode else f"{name}_"
         need(
             s.train_batch_size > 0,
             prefix + "train_batch_size",
@@ -505,10 +537,33 @@ def validate(config: SimCLRConfig, num_replicas: int = 1) -> None:
             prefix + "checkpoint_epochs",
             "checkpoint_epochs or checkpoint_steps must be positive",
         )
+    if config.distill.distill:
+        stages.append("distill")
     need(config.pretrain.temperature > 0, "temperature", "must be positive")
     f = config.finetune
     need(-1 <= f.fine_tune_after_block <= 4, "fine_tune_after_block", "must be in [-1, 4]")
     need(0 < f.label_fraction <= 1, "label_fraction", f"must be in (0, 1], got {f.label_fraction}")
+    if f.label_subset:
+        need(
+            f.label_subset.startswith("gs://") or os.path.isfile(f.label_subset),
+            "label_subset",
+            f"no such file: {f.label_subset}",
+        )
+        need(f.label_fraction == 1.0, "label_subset", "cannot be combined with --label_fraction")
+    need(
+        not f.checkpoint or config.train_mode == "finetune",
+        "checkpoint",
+        "a released model replaces pretraining: use it with --train_mode=finetune",
+    )
+    dist = config.distill
+    need(dist.distill_temperature > 0, "distill_temperature", "must be positive")
+    need(dist.distill_label_weight >= 0, "distill_label_weight", "must be >= 0")
+    need(
+        dist.distill_resnet_depth in (0, *RESNET_DEPTHS),
+        "distill_resnet_depth",
+        f"must be 0 or one of {RESNET_DEPTHS}",
+    )
+    need(dist.distill_width_multiplier >= 0, "distill_width_multiplier", "must be >= 0")
     r = config.runtime
     need(r.eval_batch_size > 0, "eval_batch_size", "must be positive")
     need(r.keep_checkpoint_max > 0, "keep_checkpoint_max", "must be positive")

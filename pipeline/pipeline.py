@@ -1,20 +1,23 @@
 """The SimCLR TFX pipeline definition, shared by every runner.
 
 ExampleGen → StatisticsGen → SchemaGen → ExampleValidator → Transform → Trainer (pretrain) →
-Trainer (finetune, base_model = pretrain) → Evaluator (gates vs. floor and last blessed model)
-→ Pusher (only when blessed). Runners differ only in where components execute.
+Trainer (finetune, base_model = pretrain, or an imported released model) → optional Trainer
+(distill, teacher = finetune) → Evaluator (gates vs. floor and last blessed model) → Pusher (only
+when blessed). Runners differ only in where components execute.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import tensorflow as tf
 import tensorflow_model_analysis as tfma
 from tfx import v1 as tfx
 from tfx.components import ImportExampleGen
+from tfx.dsl.components.base.base_component import BaseComponent
 
 from pipeline.configs import SimCLRConfig
 from pipeline.image_example_gen.component import make_image_example_gen
@@ -119,7 +122,16 @@ def create_pipeline(
     metadata_path: str,
     push_dir: str,
     beam_pipeline_args: list[str],
+    trainer_factory: Callable[..., BaseComponent] | None = None,
+    extra_pusher: Callable[..., BaseComponent] | None = None,
 ) -> tfx.dsl.Pipeline:
+    """The pipeline; the optional factories let a runner choose where Trainers and pushes run.
+
+    trainer_factory takes the keyword arguments of `tfx.components.Trainer` and returns the
+    component (default: that Trainer, run in-process); e.g. the Vertex AI Trainer extension.
+    extra_pusher, if given, takes `model=` and `model_blessing=` and returns a second pusher
+    (e.g. to a Vertex AI endpoint) that runs next to the filesystem Pusher.
+    """
     d = config.data
     if layout.data_format == "folders":
         example_gen = make_image_example_gen(
@@ -147,7 +159,7 @@ def create_pipeline(
     )
     transform_config = {"image_size": d.stored_size, "image_format": d.image_format}
     if d.labels_file:
-        with open(d.labels_file) as f:
+        with tf.io.gfile.GFile(d.labels_file) as f:
             transform_config["label_names"] = [line.strip() for line in f if line.strip()]
     transform = tfx.components.Transform(
         examples=example_gen.outputs["examples"],
@@ -160,8 +172,8 @@ def create_pipeline(
         ),
     )
 
-    def trainer(stage: str, base_model=None) -> tfx.components.Trainer:
-        return tfx.components.Trainer(
+    def trainer(stage: str, base_model=None) -> BaseComponent:
+        return (trainer_factory or tfx.components.Trainer)(
             run_fn=TRAINER_RUN_FN,
             examples=transform.outputs["transformed_examples"],
             transform_graph=transform.outputs["transform_graph"],
@@ -178,7 +190,19 @@ def create_pipeline(
         pretrain = trainer("pretrain")
         components.append(pretrain)
         base_model = pretrain.outputs["model"]
+    elif config.finetune.checkpoint:
+        # A released SimCLR SavedModel (or one of our exports) replaces pretraining.
+        importer = tfx.dsl.Importer(
+            source_uri=config.finetune.checkpoint,
+            artifact_type=tfx.types.standard_artifacts.Model,
+        ).with_id("base_model_importer")
+        components.append(importer)
+        base_model = importer.outputs["result"]
     finetune = trainer("finetune", base_model)
+    candidate = finetune
+    if config.distill.distill:
+        candidate = trainer("distill", finetune.outputs["model"])
+        components.append(finetune)
     model_resolver = tfx.dsl.Resolver(
         strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
         model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
@@ -186,19 +210,25 @@ def create_pipeline(
     ).with_id("latest_blessed_model_resolver")
     evaluator = tfx.components.Evaluator(
         examples=example_gen.outputs["examples"],
-        model=finetune.outputs["model"],
+        model=candidate.outputs["model"],
         baseline_model=model_resolver.outputs["model"],
         eval_config=eval_config(config),
         example_splits=[layout.eval_split],
     )
     pusher = tfx.components.Pusher(
-        model=finetune.outputs["model"],
+        model=candidate.outputs["model"],
         model_blessing=evaluator.outputs["blessing"],
         push_destination=tfx.proto.PushDestination(
             filesystem=tfx.proto.PushDestination.Filesystem(base_directory=push_dir)
         ),
     )
-    components += [finetune, model_resolver, evaluator, pusher]
+    components += [candidate, model_resolver, evaluator, pusher]
+    if extra_pusher is not None:
+        components.append(
+            extra_pusher(
+                model=candidate.outputs["model"], model_blessing=evaluator.outputs["blessing"]
+            )
+        )
     return tfx.dsl.Pipeline(
         pipeline_name=config.runner.pipeline_name,
         pipeline_root=pipeline_root,

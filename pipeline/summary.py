@@ -6,12 +6,16 @@ summary is about the run that just happened, including cached or skipped compone
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 
 import ml_metadata as mlmd
+import tensorflow as tf
 import tensorflow_model_analysis as tfma
 from ml_metadata.proto import metadata_store_pb2
 
+from pipeline.image_example_gen.executor import REPORT_FILE
 from pipeline.pipeline import TOP1, TOP5
 
 
@@ -31,10 +35,25 @@ class RunSummary:
     model_run_uris: dict[str, str] = field(default_factory=dict)
     model_uris: dict[str, str] = field(default_factory=dict)
     examples_uri: str | None = None
+    statistics_uri: str | None = None
+    anomalies_uri: str | None = None
+    transform_graph_uri: str | None = None
     per_label_top1: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    ingestion: dict[str, dict] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         out = [f"run {self.run_id}: {len(self.components)} components executed"]
+        if self.seconds:
+            out.append(
+                "seconds per component: "
+                + ", ".join(f"{name} {secs:.0f}" for name, secs in self.seconds.items())
+            )
+        for split, stats in sorted(self.ingestion.items()):
+            out.append(
+                f"ingested split '{split}': {stats.get('written', 0)} images, "
+                f"{stats.get('skipped', 0)} skipped"
+            )
         if self.top1 is not None:
             out.append(
                 f"top-1 accuracy {self.top1:.4f}, top-5 accuracy {self.top5:.4f} "
@@ -86,6 +105,10 @@ def latest_run(metadata_path: str) -> RunSummary:
             if e.id in run_execution_ids:
                 node_of[e.id] = ctx.name.split(".")[-1]
     summary.components = sorted(set(node_of.values()))
+    for e in sorted(executions, key=lambda e: e.create_time_since_epoch):
+        if e.id in node_of:
+            elapsed = (e.last_update_time_since_epoch - e.create_time_since_epoch) / 1000
+            summary.seconds[node_of[e.id]] = elapsed
     artifact_types = {t.id: t.name for t in store.get_artifact_types()}
     events = store.get_events_by_execution_ids(list(run_execution_ids))
     outputs = [
@@ -98,7 +121,7 @@ def latest_run(metadata_path: str) -> RunSummary:
     for a in artifacts:
         kind = artifact_types.get(a.type_id)
         producer = producer_of[a.id]
-        stage = "pretrain" if "pretrain" in producer else "finetune"
+        stage = producer.removesuffix("_trainer")
         if kind == "ModelEvaluation":
             summary.evaluation_uri = a.uri
         elif kind == "ModelBlessing":
@@ -112,8 +135,19 @@ def latest_run(metadata_path: str) -> RunSummary:
             summary.model_uris[stage] = a.uri
         elif kind == "Examples" and "ExampleGen" in producer:
             summary.examples_uri = a.uri
+        elif kind == "ExampleStatistics" and producer == "StatisticsGen":
+            summary.statistics_uri = a.uri
+        elif kind == "ExampleAnomalies" and producer == "ExampleValidator":
+            summary.anomalies_uri = a.uri
+        elif kind == "TransformGraph":
+            summary.transform_graph_uri = a.uri
     if summary.evaluation_uri:
         _read_evaluation(summary)
+    if summary.examples_uri:
+        report = os.path.join(summary.examples_uri, REPORT_FILE)
+        if tf.io.gfile.exists(report):
+            with tf.io.gfile.GFile(report) as f:
+                summary.ingestion = json.load(f).get("splits", {})
     return summary
 
 
@@ -147,12 +181,21 @@ def _read_evaluation(summary: RunSummary) -> None:
     validation = tfma.load_validation_result(summary.evaluation_uri)
     for per_slice in validation.metric_validations_per_slice:
         for failure in per_slice.failures:
+            name = failure.metric_key.name
+            value = failure.metric_value.double_value.value
             threshold = failure.metric_threshold
-            if threshold.HasField("change_threshold"):
-                limit = f"change vs. baseline >= {threshold.change_threshold.absolute.value:+.4f}"
+            if failure.metric_key.is_diff:
+                allowed = threshold.change_threshold.absolute.value
+                baseline = summary.baseline_top1 if name == TOP1 else None
+                base = f", baseline {baseline:.4f}" if baseline is not None else ""
+                candidate = summary.top1 if name == TOP1 else None
+                cand = f"candidate {candidate:.4f}{base}: " if candidate is not None else ""
+                summary.failures.append(
+                    f"{name}: {cand}change vs. baseline {value:+.4f} (threshold: change >= "
+                    f"{allowed:+.4f})"
+                )
             else:
-                limit = f">= {threshold.value_threshold.lower_bound.value:.4f}"
-            summary.failures.append(
-                f"{failure.metric_key.name}: {failure.metric_value.double_value.value:.4f}"
-                f" (threshold {limit})"
-            )
+                floor = threshold.value_threshold.lower_bound.value
+                summary.failures.append(
+                    f"{name}: candidate {value:.4f} (threshold: >= {floor:.4f})"
+                )

@@ -42,7 +42,7 @@ def test_reference_command_lands_in_pretrain_stage(tmp_path):
     assert config.augment.color_jitter_strength == 0.5
     # The fine-tuning stage keeps the reference's fine-tuning recipe.
     assert config.finetune.optimizer == "momentum"
-    assert config.finetune.learning_rate_scaling == "sqrt"
+    assert config.finetune.learning_rate_scaling == "linear"
 
 
 def test_defaults_are_the_reference_defaults():
