@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from tfx import v1 as tfx
 
     from pipeline import pipeline as pipeline_lib
+    from pipeline import report as report_lib
     from pipeline import summary as summary_lib
     from pipeline.digits import write_digits_dataset
 
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pipeline finished in {time.time() - started:.0f} s", flush=True)
     for line in summary_lib.latest_run(metadata_path).lines():
         print(line, flush=True)
+    report = report_lib.write_report(metadata_path, os.path.join(model_dir, "report"), config)
+    print(f"report: {report}", flush=True)
     return 0
 
 

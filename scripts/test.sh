@@ -3,6 +3,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
+# The report test renders HTML in Debian's headless Chromium.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ||
+    echo "chromium could not be installed: the browser part of the report test will be skipped"
+fi
 export TF_USE_LEGACY_KERAS=1
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest -q --durations=15 "$@"

@@ -1,0 +1,369 @@
+"""The run report: its readers against independent references, and a real small pipeline run
+whose report is rendered by headless Chromium and must show that run's numbers."""
+
+import collections
+import glob
+import html.parser
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_model_analysis as tfma
+from PIL import Image
+from tensorflow_metadata.proto.v0 import statistics_pb2
+
+from pipeline import report
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+CHROMIUM = "/usr/bin/chromium"
+# A class folder name that becomes markup if the page does not escape it.
+MARKUP_CLASS = "<u>ship&amp;"
+BROKEN_FILE = "cat/zz_broken.jpg"
+TRAIN_PER_CLASS, TEST_PER_CLASS = 8, 4
+TINY = [
+    "--dataset=cifar10",
+    "--resnet_depth=18",
+    "--width_multiplier=0.125",
+    "--proj_out_dim=16",
+    "--train_batch_size=16",
+    "--train_steps=2",
+    "--finetune_train_batch_size=16",
+    "--finetune_train_steps=2",
+    "--eval_batch_size=64",
+    "--log_every_steps=1",
+    "--min_top1=0",
+    "--max_bad_fraction=0.05",
+]
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def _write_events(path: pathlib.Path, events: list[tf.compat.v1.Event]) -> None:
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for event in events:
+            writer.write(event.SerializeToString())
+
+
+def test_read_scalars_reads_tf1_and_tf2_scalars_and_skips_the_rest(tmp_path):
+    writer = tf.summary.create_file_writer(str(tmp_path))
+    with writer.as_default():
+        for step, value in ((1, 0.5), (2, 0.25), (3, 0.125)):
+            tf.summary.scalar("train/loss", value, step=step)
+        tf.summary.histogram("weights", [1.0, 2.0, 3.0], step=1)
+        tf.summary.text("note", "hello", step=1)
+    writer.close()
+
+    def simple(step: int, value: float) -> tf.compat.v1.Event:
+        summary = tf.compat.v1.Summary(
+            value=[tf.compat.v1.Summary.Value(tag="lr", simple_value=value)]
+        )
+        return tf.compat.v1.Event(step=step, summary=summary)
+
+    _write_events(tmp_path / "events.out.tfevents.1.a", [simple(2, 0.1), simple(1, 0.2)])
+    # A resumed run rewrites step 2: the later file wins.
+    _write_events(tmp_path / "events.out.tfevents.2.b", [simple(2, 0.3)])
+
+    scalars = report.read_scalars(str(tmp_path))
+
+    assert set(scalars) == {"train/loss", "lr"}
+    assert scalars["train/loss"] == [(1, 0.5), (2, 0.25), (3, 0.125)]
+    assert [s for s, _ in scalars["lr"]] == [1, 2]
+    np.testing.assert_allclose([v for _, v in scalars["lr"]], [0.2, 0.3], rtol=1e-6)
+
+
+def _eval_result(plots: list) -> tfma.EvalResult:
+    return tfma.EvalResult(
+        slicing_metrics=[],
+        plots=plots,
+        attributions=None,
+        config=None,
+        data_location="",
+        file_format="",
+        model_location="",
+    )
+
+
+def test_confusion_matrix_matches_numpy_reference():
+    rng = np.random.default_rng(0)
+    actual = rng.integers(0, 4, size=200)
+    predicted = np.where(rng.random(200) < 0.1, -1, rng.integers(0, 4, size=200))
+    pairs = collections.Counter(zip(actual.tolist(), predicted.tolist(), strict=True))
+    # TFMA's JSON leaves out zero-valued fields (class 0, threshold 0).
+    entries = []
+    for (a, p), n in sorted(pairs.items()):
+        entry = {"numWeightedExamples": float(n)}
+        if a:
+            entry["actualClassId"] = a
+        if p:
+            entry["predictedClassId"] = p
+        entries.append(entry)
+    decoy = {"threshold": 0.5, "entries": [{"actualClassId": 1, "numWeightedExamples": 99.0}]}
+    overall = {"": {"": {report.CONFUSION_PLOT_KEY: {"matrices": [decoy, {"entries": entries}]}}}}
+    sliced = {"": {"": {report.CONFUSION_PLOT_KEY: {"matrices": [decoy]}}}}
+    result = _eval_result([((("label", 1),), sliced), ((), overall)])
+
+    counts = report.read_confusion_matrix(result, num_classes=5)
+
+    expected = np.zeros((5, 6))
+    np.add.at(expected, (actual, np.where(predicted < 0, 5, predicted)), 1)
+    np.testing.assert_array_equal(counts, expected)
+
+
+def test_confusion_matrix_absent_without_the_plot():
+    result = _eval_result([((), {"": {"": {}}})])
+    assert report.read_confusion_matrix(result, num_classes=3) is None
+
+
+def _string_feature(counts: dict[str, int], non_missing: int):
+    feature = statistics_pb2.FeatureNameStatistics(type=statistics_pb2.FeatureNameStatistics.STRING)
+    feature.string_stats.common_stats.num_non_missing = non_missing
+    for name, count in counts.items():
+        feature.string_stats.rank_histogram.buckets.add(label=name, sample_count=count)
+    return feature
+
+
+def test_string_value_counts_only_when_the_histogram_covers_every_example():
+    counts = {"cat": 5, "dog": 3, "<b>": 1}
+    assert report.string_value_counts(_string_feature(counts, 9)) == counts
+    assert report.string_value_counts(_string_feature(counts, 10)) is None
+
+
+def test_count_int_labels_matches_counter(tmp_path):
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 7, size=2500)
+    options = tf.io.TFRecordOptions(compression_type="GZIP")
+    for shard, part in enumerate(np.array_split(labels, 2)):
+        with tf.io.TFRecordWriter(str(tmp_path / f"data-{shard}.gz"), options) as writer:
+            for label in part:
+                feature = {"label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label]))}
+                example = tf.train.Example(features=tf.train.Features(feature=feature))
+                writer.write(example.SerializeToString())
+
+    assert report.count_int_labels(str(tmp_path)) == dict(
+        sorted(collections.Counter(labels.tolist()).items())
+    )
+
+
+# ----------------------------------------------------------------------------- a real run
+
+
+def _make_subset(cifar: pathlib.Path, root: pathlib.Path) -> pathlib.Path:
+    """8 train / 4 test images per class; the ship folder renamed to a markup-like name, plus
+    one unreadable file that ingestion must skip and the report must list."""
+    for split, count in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
+        for class_dir in sorted((cifar / split).iterdir()):
+            name = MARKUP_CLASS if class_dir.name == "ship" else class_dir.name
+            target = root / split / name
+            target.mkdir(parents=True)
+            for image in sorted(class_dir.iterdir())[:count]:
+                (target / image.name).symlink_to(image)
+    (root / "train" / BROKEN_FILE).write_bytes(b"not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(cifar_dir, tmp_path_factory):
+    """One local_runner.py run on a tiny subset; yields (model_dir, data_dir, stdout)."""
+    root = tmp_path_factory.mktemp("report_run")
+    data = _make_subset(cifar_dir, root / "data")
+    out = root / "out"
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1")
+    result = subprocess.run(
+        [sys.executable, "local_runner.py", *TINY, f"--data_dir={data}", f"--model_dir={out}"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, data, result.stdout
+
+
+def _report_path(stdout: str) -> pathlib.Path:
+    lines = [line for line in stdout.splitlines() if line.startswith("report: ")]
+    assert len(lines) == 1, stdout[-2000:]
+    return pathlib.Path(lines[0].removeprefix("report: "))
+
+
+class _Page(html.parser.HTMLParser):
+    """Tables (rows of cell texts), card key/value pairs, image sources and all text."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tables: list[list[list[str]]] = []
+        self.cards: dict[str, str] = {}
+        self.images: list[str] = []
+        self.text: list[str] = []
+        self._cell: list[str] | None = None
+        self._card_part: str | None = None
+        self._card_key = ""
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        classes = (attrs.get("class") or "").split()
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+        elif tag == "img":
+            self.images.append(attrs["src"])
+        elif tag == "div" and ("k" in classes or "v" in classes):
+            self._card_part = "k" if "k" in classes else "v"
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.tables[-1][-1].append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "div":
+            self._card_part = None
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._cell is not None:
+            self._cell.append(data)
+        if self._card_part == "k":
+            self._card_key = data.strip()
+        elif self._card_part == "v":
+            self.cards[self._card_key] = data.strip()
+
+    def table(self, header: list[str]) -> list[list[str]]:
+        """Body rows of the first table whose header starts with `header`."""
+        for rows in self.tables:
+            if rows and rows[0][: len(header)] == header:
+                return rows[1:]
+        raise AssertionError(f"no table with header {header}")
+
+
+def _chromium(profile: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
+    command = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        *args,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def _last_logged(stdout: str, stage: str) -> dict[str, str]:
+    """The metrics of the stage's last progress line, as the training loop printed them."""
+    lines = [line for line in stdout.splitlines() if line.startswith(f"{stage} step ")]
+    assert lines, stdout[-2000:]
+    pairs = re.findall(r"\| (\w+) (-?[\d.]+)(?= \|)", lines[-1])
+    return {f"train/{name}": value for name, value in pairs if name != "lr"}
+
+
+def test_runner_writes_report_with_valid_pngs(run):
+    out, _, stdout = run
+    path = _report_path(stdout)
+    assert path.parent.parent == out / "report" and path.name == "report.html"
+    latest = out / "report" / "latest" / "report.html"
+    assert latest.read_text() == path.read_text()
+    page = _Page()
+    page.feed(path.read_text())
+    assert sorted(page.images) == [
+        "confusion_matrix.png",
+        "curves_finetune.png",
+        "curves_pretrain.png",
+    ]
+    for name in page.images:
+        file = path.parent / name
+        assert file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert file.stat().st_size > 10_000
+        with Image.open(file) as image:
+            image.verify()
+        with Image.open(file) as image:
+            assert min(image.size) >= 300
+            assert np.asarray(image.convert("L")).std() > 5  # not a blank canvas
+
+
+@pytest.mark.skipif(
+    not os.path.exists(CHROMIUM),
+    reason=f"{CHROMIUM} not installed (Debian: apt-get install -y chromium)",
+)
+def test_browser_shows_the_runs_numbers(run, tmp_path):
+    out, data, stdout = run
+    path = _report_path(stdout)
+    dom = _chromium(tmp_path / "profile", "--dump-dom", path.as_uri()).stdout
+    page = _Page()
+    page.feed(dom)
+
+    # TFMA's own numbers, formatted as the page promises (4 decimals).
+    [evaluation] = glob.glob(str(out / "pipeline" / "Evaluator" / "evaluation" / "*"))
+    result = tfma.load_eval_result(evaluation)
+    metrics = {key: by_output[""][""] for key, by_output in result.slicing_metrics}
+
+    def value(key, name: str) -> str:
+        [v] = [m["doubleValue"] for k, m in metrics[key].items() if k.endswith(name)]
+        return f"{v:.4f}"
+
+    top1, top5 = value((), "sparse_categorical_accuracy"), value((), "top_k_categorical_accuracy")
+    assert page.cards["top-1 accuracy"] == top1
+    assert page.cards["top-5 accuracy"] == top5
+    assert page.table(["slice", "examples", "top-1", "top-5"]) == [["overall", "40", top1, top5]]
+
+    # Class ids follow the sorted folder names; the per-class rows carry TFMA's label slices.
+    names = sorted(p.name for p in (data / "train").iterdir())
+    assert MARKUP_CLASS in names
+    expected = [
+        [
+            str(i),
+            name,
+            str(TEST_PER_CLASS),
+            value((("label", i),), "sparse_categorical_accuracy"),
+            value((("label", i),), "top_k_categorical_accuracy"),
+        ]
+        for i, name in enumerate(names)
+    ]
+    assert page.table(["id", "class", "examples", "top-1", "top-5"]) == expected
+
+    # The odd class name is shown as text, never parsed as markup.
+    assert "<u>" not in dom and "&lt;u&gt;ship&amp;amp;" in dom
+
+    # Blessing: the Evaluator blessed (floor 0, no baseline), the model was pushed.
+    assert glob.glob(str(out / "pipeline" / "Evaluator" / "blessing" / "*" / "BLESSED"))
+    assert page.cards["blessing"] == "BLESSED" and page.cards["pushed"] == "yes"
+    assert ["SparseCategoricalAccuracy", "value", ">= 0.0000"] in page.table(
+        ["metric", "kind", "bound"]
+    )
+
+    # Data: per-class counts of the subset, the skipped file.
+    per_class = page.table(["class", "test", "train"])
+    assert per_class[:-1] == [[n, str(TEST_PER_CLASS), str(TRAIN_PER_CLASS)] for n in names]
+    assert per_class[-1] == ["total", str(10 * TEST_PER_CLASS), str(10 * TRAIN_PER_CLASS)]
+    [skipped] = page.table(["split", "file", "reason"])
+    assert skipped[:2] == ["train", BROKEN_FILE]
+
+    # Curves: the last values the training loop printed for each stage.
+    for stage in ("pretrain", "finetune"):
+        logged = _last_logged(stdout, stage)
+        tables = [rows for rows in page.tables if rows and rows[0][0] == "scalar"]
+        shown = {row[0]: row[3] for row in tables[0 if stage == "pretrain" else 1][1:]}
+        assert logged and {k: shown[k] for k in logged} == logged
+    assert "online linear eval" in "".join(page.text)
+
+    # Screenshot: the page renders to a non-blank image.
+    shot = tmp_path / "report.png"
+    _chromium(
+        tmp_path / "profile2", f"--screenshot={shot}", "--window-size=1200,3000", path.as_uri()
+    )
+    with Image.open(shot) as image:
+        assert image.size == (1200, 3000)
+        assert np.asarray(image.convert("L")).std() > 10
