@@ -51,7 +51,7 @@ def build_parser(prog: str, description: str, extra: list[tuple[str, dict]] | No
         group = groups.setdefault(section, parser.add_argument_group(section))
         kind = _field_type(cls, f)
         default = configs.get_path(defaults, path.replace("<stage>", "pretrain"))
-        help_text = f"{f.metadata['help']} (default: {default})"
+        help_text = f"{f.metadata['help']} (default: {default})".replace("%", "%%")
         kwargs: dict[str, Any] = {"dest": flag, "help": help_text}
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]

@@ -576,13 +576,80 @@ def validate(config: SimCLRConfig, num_replicas: int = 1) -> None:
     need(0 <= e.max_top1_regression <= 1, "max_top1_regression", "must be in [0, 1]")
 
 
+# Where each option takes effect (the docs' flag reference); keys are field names or prefixes.
+USED_BY: dict[str, str] = {
+    "train_mode": "pipeline/pipeline.py",
+    "data.dataset": "pipeline/configs.py (presets), local_runner.py",
+    "data.data_dir": "pipeline/pipeline.py (ExampleGen)",
+    "data.data_format": "pipeline/pipeline.py",
+    "data.train_split": "pipeline/pipeline.py (Transform, Trainer)",
+    "data.eval_split": "pipeline/pipeline.py (Transform, Trainer, Evaluator)",
+    "data.labels_file": "pipeline/image_example_gen/executor.py",
+    "data.max_bad_fraction": "pipeline/image_example_gen/executor.py",
+    "data.max_images_per_class": "pipeline/image_example_gen/executor.py",
+    "data.image_size": "models/augment.py, models/model.py",
+    "data.stored_image_size": "transform/preprocessing.py",
+    "data.image_format": "transform/preprocessing.py",
+    "data.cache_dataset": "models/data.py",
+    "augment.": "models/augment.py",
+    "model.resnet_depth": "models/resnet.py",
+    "model.width_multiplier": "models/resnet.py",
+    "model.sk_ratio": "models/resnet.py",
+    "model.se_ratio": "models/resnet.py",
+    "model.batch_norm_decay": "models/resnet.py, models/heads.py",
+    "model.global_bn": "models/resnet.py, models/heads.py",
+    "model.proj_": "models/heads.py",
+    "model.num_proj_layers": "models/heads.py",
+    "model.ft_proj_selector": "models/model.py",
+    "<stage>.temperature": "models/loss.py",
+    "<stage>.hidden_norm": "models/loss.py",
+    "<stage>.lineareval_while_pretraining": "models/train_loop.py",
+    "<stage>.knn_every_epochs": "models/knn.py",
+    "<stage>.optimizer": "models/optimizers.py",
+    "<stage>.momentum": "models/optimizers.py",
+    "<stage>.eeta": "models/lars.py",
+    "<stage>.weight_decay": "models/optimizers.py, models/lars.py",
+    "<stage>.learning_rate": "models/schedule.py",
+    "<stage>.warmup_epochs": "models/schedule.py",
+    "<stage>.train_": "models/schedule.py, models/trainer.py",
+    "<stage>.checkpoint_": "models/train_loop.py",
+    "finetune.fine_tune_after_block": "models/resnet.py",
+    "finetune.zero_init_logits_layer": "models/heads.py",
+    "finetune.label_": "models/data.py",
+    "finetune.checkpoint": "pipeline/pipeline.py (Importer), models/model.py",
+    "finetune.": "models/trainer.py",
+    "distill.distill": "pipeline/pipeline.py, models/train_loop.py, models/trainer.py",
+    "distill.": "models/trainer.py",
+    "runtime.strategy": "models/strategy.py",
+    "runtime.tpu_name": "models/strategy.py",
+    "runtime.mixed_precision": "models/strategy.py",
+    "runtime.": "models/train_loop.py, models/trainer.py",
+    "eval.": "pipeline/pipeline.py (TFMA EvalConfig)",
+    "runner.": "local_runner.py",
+}
+
+
+def used_by(path: str) -> str:
+    """The module(s) an option lands in: the longest matching key of USED_BY."""
+    section, _, name = path.partition(".")
+    forms = [path]
+    if section in STAGES and name in {f.name for f in dataclasses.fields(StageConfig)}:
+        forms.append(f"<stage>.{name}")
+    matches = [k for k in USED_BY for p in forms if p == k or p.startswith(k)]
+    return USED_BY[max(matches, key=len)] if matches else ""
+
+
 def flag_table() -> str:
-    """Markdown table: flag → config field → default (the docs' flag reference)."""
-    rows = ["| flag | config field | default | meaning |", "|---|---|---|---|"]
+    """Markdown table: flag → config field → module → default → meaning (docs/flags.md)."""
+    rows = [
+        "| flag | config field | used in | default | meaning |",
+        "|---|---|---|---|---|",
+    ]
     defaults = SimCLRConfig()
     for flag, path, f, _ in flag_fields():
         shown = path.replace("<stage>", "<train_mode>")
-        default_path = path.replace("<stage>", "pretrain")
-        default = get_path(defaults, default_path)
-        rows.append(f"| `--{flag}` | `{shown}` | `{default}` | {f.metadata['help']} |")
+        default = get_path(defaults, path.replace("<stage>", "pretrain"))
+        rows.append(
+            f"| `--{flag}` | `{shown}` | {used_by(path)} | `{default}` | {f.metadata['help']} |"
+        )
     return "\n".join(rows)

@@ -127,3 +127,16 @@ def test_help_lists_every_flag_with_default():
 def test_flag_table_covers_every_flag():
     table = configs.flag_table()
     assert table.count("\n| `--") == len(configs.flag_fields())
+
+
+def test_flags_doc_is_up_to_date():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "make_flags_doc", REPO_ROOT / "docs/make_flags_doc.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (REPO_ROOT / "docs/flags.md").read_text() == module.render(), (
+        "docs/flags.md is stale: run python docs/make_flags_doc.py"
+    )
