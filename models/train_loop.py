@@ -267,7 +267,10 @@ def run(
         train_steps(iterator, tf.constant(boundary - step))
         step = int(global_step.numpy())
         now = time.perf_counter()
-        values = {name: float(m.result().numpy()) for name, m in metrics.items()}
+        # Metrics no step updated (supervised ones without online linear eval) are not reported.
+        values = {
+            name: float(m.result().numpy()) for name, m in metrics.items() if m.count.numpy() > 0
+        }
         lr = optimizer.learning_rate
         # Under a strategy the optimizer's current rate is a MirroredVariable, which float()
         # rejects; reading it as a tensor takes the local copy.
@@ -328,7 +331,7 @@ def evaluate(model: keras.Model, dataset: tf.data.Dataset) -> dict[str, float]:
     if count == 0:
         raise ValueError("the evaluation split is empty")
     return {
-        "eval/top_1_accuracy": top1 / count,
-        "eval/top_5_accuracy": top5 / count,
+        "eval/label_top_1_accuracy": top1 / count,
+        "eval/label_top_5_accuracy": top5 / count,
         "eval/num_examples": count,
     }

@@ -19,7 +19,7 @@ import tensorflow as tf
 import tensorflow_transform as tft
 
 from models import data as data_lib
-from models import export, train_loop
+from models import export, knn, train_loop
 from models.model import SavedModelBackbone, SimCLRModel
 from models.optimizers import build_optimizer
 from models.schedule import WarmUpAndCosineDecay, total_train_steps
@@ -196,6 +196,19 @@ def run_stage(
         keep_checkpoint_max=runtime.keep_checkpoint_max,
         jit_compile=runtime.jit_compile,
     )
+    monitor = None
+    if stage == "pretrain" and config.pretrain.knn_every_epochs > 0:
+        monitor = knn.KnnMonitor(
+            model,
+            train_files,
+            eval_files,
+            spec,
+            batch_size=runtime.eval_batch_size,
+            num_classes=num_classes,
+            every_steps=config.pretrain.knn_every_epochs * epoch_steps,
+            checkpoint_every=settings.checkpoint_every,
+            total_steps=total_steps,
+        )
     train_loop.run(
         strategy,
         model,
@@ -206,6 +219,7 @@ def run_stage(
         settings,
         checkpoint_dir=os.path.join(model_run_dir, "checkpoints"),
         summary_dir=os.path.join(model_run_dir, "train"),
+        on_checkpoint=monitor,
     )
 
     results: dict[str, float] = {}
@@ -219,8 +233,8 @@ def run_stage(
                 tf.summary.scalar(name, value)
         writer.flush()
         print(
-            f"{stage}: eval top-1 {results['eval/top_1_accuracy']:.4f}, "
-            f"top-5 {results['eval/top_5_accuracy']:.4f} "
+            f"{stage}: eval top-1 {results['eval/label_top_1_accuracy']:.4f}, "
+            f"top-5 {results['eval/label_top_5_accuracy']:.4f} "
             f"on {int(results['eval/num_examples'])} examples",
             flush=True,
         )
@@ -231,6 +245,7 @@ def run_stage(
                 "total_steps": total_steps,
                 "num_train_examples": num_examples,
                 **results,
+                **(monitor.last if monitor else {}),
             },
             f,
             indent=2,

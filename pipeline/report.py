@@ -52,8 +52,8 @@ SCALAR_HELP = {
     "train/supervised_acc": "top-1 of the supervised head on training batches",
     "train/weight_decay": "weight-decay term",
     "learning_rate": "learning rate",
-    "eval/top_1_accuracy": "in-Trainer top-1 on the eval split",
-    "eval/top_5_accuracy": "in-Trainer top-5 on the eval split",
+    "eval/label_top_1_accuracy": "in-Trainer top-1 on the eval split",
+    "eval/label_top_5_accuracy": "in-Trainer top-5 on the eval split",
     "eval/num_examples": "in-Trainer eval examples",
 }
 PRETRAIN_SUPERVISED_HELP = (

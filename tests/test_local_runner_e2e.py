@@ -142,7 +142,7 @@ def test_tfrecords_supervised_then_degraded_candidate_is_blocked(tmp_path):
         "--log_every_steps=20",
         "--min_top1=0.3",
     ]
-    first = run_pipeline(common + ["--train_steps=60", "--learning_rate=0.4"])
+    first = run_pipeline(common + ["--train_steps=80", "--learning_rate=2.0"])
     assert first.returncode == 0
     metadata = str(out / "metadata.sqlite")
     run1 = summary_lib.latest_run(metadata)

@@ -1,0 +1,152 @@
+"""The exported SavedModel as a client sees it: loaded in a process that imports only TensorFlow,
+fed raw JPEG tf.Examples and float images, compared with the same weights run in-process."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from models import export
+from models.model import ENDPOINTS, SimCLRModel
+from tests.models import fixtures
+
+# Only TensorFlow (and the standard library): outputs go to disk as serialized tensors.
+_CLIENT = """
+import json, pathlib, sys
+import tensorflow as tf
+
+export_dir, out_dir, images_file, *jpegs = sys.argv[1:]
+loaded = tf.saved_model.load(export_dir)
+
+def example(data):
+    feature = tf.train.Feature(bytes_list=tf.train.BytesList(value=[data]))
+    return tf.train.Example(
+        features=tf.train.Features(feature={"image": feature})
+    ).SerializeToString()
+
+examples = tf.constant([example(pathlib.Path(p).read_bytes()) for p in jpegs])
+images = tf.io.parse_tensor(tf.io.read_file(images_file), tf.float32)
+outputs = {
+    "serving_default": loaded.signatures["serving_default"](examples=examples),
+    "serving_images": loaded.signatures["serving_images"](images=images),
+}
+for signature, tensors in outputs.items():
+    for name, value in tensors.items():
+        tf.io.write_file(f"{out_dir}/{signature}.{name}", tf.io.serialize_tensor(value))
+project = ("models", "transform", "pipeline", "tensorflow_transform", "tfx")
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in project)))
+"""
+
+
+def _read(path: pathlib.Path, dtype: tf.DType) -> np.ndarray:
+    return tf.io.parse_tensor(tf.io.read_file(str(path)), dtype).numpy()
+
+
+def _restored_model(run, num_classes: int) -> SimCLRModel:
+    """The stage's network rebuilt from this project's code with the exported variables."""
+    cfg = run.config
+    model = SimCLRModel(
+        cfg.model,
+        num_classes,
+        cfg.data.image_size,
+        pretraining=False,
+        fine_tune_after_block=cfg.finetune.fine_tune_after_block,
+    )
+    model.build_for()
+    status = tf.train.Checkpoint(model=model).read(
+        str(pathlib.Path(run.serving_model_dir) / "variables" / "variables")
+    )
+    status.expect_partial().assert_existing_objects_matched()
+    return model
+
+
+@pytest.fixture(scope="module")
+def served(finetune_run, transformed, tmp_path_factory):
+    """Outputs of both signatures computed by a fresh TensorFlow-only process."""
+    out_dir = tmp_path_factory.mktemp("served")
+    jpegs = transformed.eval_jpegs
+    images = np.stack(
+        [tf.io.decode_jpeg(p.read_bytes()).numpy() / np.float32(255.0) for p in jpegs]
+    ).astype(np.float32)
+    images_file = out_dir / "images.pb"
+    tf.io.write_file(str(images_file), tf.io.serialize_tensor(images))
+    proc = fixtures.run_python(
+        _CLIENT,
+        finetune_run.serving_model_dir,
+        str(out_dir),
+        str(images_file),
+        *map(str, jpegs),
+    )
+    imported = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out_dir, images, imported
+
+
+def test_client_process_needs_only_tensorflow(served):
+    _, _, imported = served
+    assert imported == []
+
+
+def test_serving_images_returns_every_endpoint_of_the_model(served, finetune_run):
+    out_dir, images, _ = served
+    model = _restored_model(finetune_run, 10)
+    expected = model(tf.constant(images), training=False)
+    got = {p.name.split(".", 1)[1] for p in out_dir.glob("serving_images.*")}
+    assert got == set(ENDPOINTS)
+    for name in ENDPOINTS:
+        served_value = _read(out_dir / f"serving_images.{name}", tf.float32)
+        assert served_value.shape == tuple(expected[name].shape), name
+        np.testing.assert_allclose(served_value, expected[name], rtol=1e-5, atol=1e-5)
+
+
+def test_serving_default_classifies_raw_jpeg_examples(served, finetune_run, transformed):
+    out_dir, images, _ = served
+    model = _restored_model(finetune_run, 10)
+    # The JPEG files decoded independently of Transform: at 32x32 the stored pixels are the file's.
+    logits = model(tf.constant(images), training=False)["logits_sup"].numpy().astype(np.float64)
+    probabilities = np.exp(logits - logits.max(1, keepdims=True))
+    probabilities /= probabilities.sum(1, keepdims=True)
+
+    served_probs = _read(out_dir / "serving_default.probabilities", tf.float32)
+    ids = _read(out_dir / "serving_default.top_k_ids", tf.int64)
+    scores = _read(out_dir / "serving_default.top_k_scores", tf.float32)
+    names = _read(out_dir / "serving_default.top_k_names", tf.string)
+    n = len(transformed.eval_jpegs)
+    assert served_probs.shape == (n, 10) and ids.shape == scores.shape == names.shape == (n, 5)
+    np.testing.assert_allclose(served_probs, probabilities, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(ids, np.argsort(-probabilities, axis=1, kind="stable")[:, :5])
+    np.testing.assert_allclose(scores, np.take_along_axis(probabilities, ids, 1), atol=1e-5)
+    class_names = np.array(transformed.class_names)
+    assert [[s.decode() for s in row] for row in names] == class_names[ids].tolist()
+    assert class_names.tolist() == sorted(class_names.tolist()) and len(class_names) == 10
+
+
+def test_restore_backbone_takes_resnet_and_projection_head_only(pretrain_run):
+    cfg = pretrain_run.config
+    variables = str(pathlib.Path(pretrain_run.serving_model_dir) / "variables" / "variables")
+    pretrained = SimCLRModel(cfg.model, 10, cfg.data.image_size, pretraining=True)
+    pretrained.build_for()
+    tf.train.Checkpoint(model=pretrained).read(variables).assert_existing_objects_matched()
+
+    model = SimCLRModel(cfg.model, 10, cfg.data.image_size, pretraining=False)
+    model.build_for()
+    head_before = [w.copy() for w in model.supervised_head.get_weights()]
+    export.restore_backbone(model, pretrain_run.serving_model_dir)
+
+    for part in ("resnet", "projection_head"):
+        got, want = getattr(model, part).get_weights(), getattr(pretrained, part).get_weights()
+        assert len(got) == len(want) > 0
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, w)
+    for g, before, trained in zip(
+        model.supervised_head.get_weights(),
+        head_before,
+        pretrained.supervised_head.get_weights(),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(g, before)
+        if before.ndim == 2:
+            assert not np.allclose(g, trained)
