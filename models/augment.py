@@ -226,15 +226,16 @@ def gaussian_blur(image: tf.Tensor, kernel_size: int, sigma: tf.Tensor) -> tf.Te
     sigma = tf.cast(sigma, image.dtype)
     weights = tf.exp(-tf.square(taps) / (2.0 * tf.square(sigma)))
     weights /= tf.reduce_sum(weights)
-    channels = tf.shape(image)[-1]
-    # Depthwise filters are [height, width, in_channels, multiplier]; one copy per channel.
-    horizontal = tf.tile(tf.reshape(weights, [1, -1, 1, 1]), [1, 1, channels, 1])
-    vertical = tf.tile(tf.reshape(weights, [-1, 1, 1, 1]), [1, 1, channels, 1])
     single = image.shape.rank == 3
     batch = image[tf.newaxis] if single else image
-    strides = [1, 1, 1, 1]
-    batch = tf.nn.depthwise_conv2d(batch, horizontal, strides, padding="SAME")
-    batch = tf.nn.depthwise_conv2d(batch, vertical, strides, padding="SAME")
+    # Each channel as its own 1-channel image and plain conv2d: TF 2.16's oneDNN depthwise
+    # convolution crashes the process for 1xK filters with K >= 15 (ImageNet's 22-px kernel).
+    shape = tf.shape(batch)
+    planes = tf.reshape(tf.transpose(batch, [0, 3, 1, 2]), [-1, shape[1], shape[2], 1])
+    planes = tf.nn.conv2d(planes, tf.reshape(weights, [1, -1, 1, 1]), 1, padding="SAME")
+    planes = tf.nn.conv2d(planes, tf.reshape(weights, [-1, 1, 1, 1]), 1, padding="SAME")
+    planes = tf.reshape(planes, [shape[0], shape[3], shape[1], shape[2]])
+    batch = tf.transpose(planes, [0, 2, 3, 1])
     return batch[0] if single else batch
 
 

@@ -6,7 +6,6 @@ Augmentation lives here, not in Transform, so every step sees fresh random views
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -215,4 +214,5 @@ def eval_dataset(files: Sequence[str] | str, spec: ImageSpec, batch_size: int) -
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-    return max(1, math.floor(num_examples / batch_size))
+    """Steps between epoch-based checkpoints, rounded as the reference rounds them."""
+    return max(1, int(round(num_examples / batch_size)))

@@ -1,0 +1,362 @@
+"""dataflow_runner.py offline: the compiled Vertex AI Pipelines JSON, one-line errors for missing
+flags and missing credentials, the TPU train step under XLA, and the local ImageNet rehearsal.
+
+Nothing here needs Google Cloud credentials or network access.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import tensorflow as tf
+
+import dataflow_runner
+from pipeline import summary as summary_lib
+from tests.imagenet_fixture import write_imagenet_fixture, write_subset_list
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+REGISTRY = "europe-west4-docker.pkg.dev/my-proj/simclr"
+CLOUD_ARGS = [
+    "--dataset=imagenet2012",
+    "--data_dir=gs://my-bucket/imagenet/ILSVRC2012",
+    "--data_format=folders",
+    "--eval_split=val",
+    "--label_subset=gs://my-bucket/imagenet_subsets/1percent.txt",
+    "--train_batch_size=4096",
+    "--train_epochs=100",
+    "--min_top1=0.6",
+    "--max_top1_regression=0.01",
+    "--project=my-proj",
+    "--region=europe-west4",
+    "--bucket=gs://my-bucket",
+    "--dataflow_max_workers=64",
+    "--dataflow_machine_type=n2-highmem-8",
+    "--dataflow_disk_size_gb=250",
+    "--vertex_endpoint=simclr-r50",
+]
+BEAM_COMPONENTS = ("FileBasedExampleGen", "StatisticsGen", "Transform", "Evaluator")
+TRAINERS = ("pretrain_trainer", "finetune_trainer")
+
+
+def clean_env(tmp_path: pathlib.Path) -> dict[str, str]:
+    """No credentials, no gcloud config, and no probe of the GCE metadata server."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_CONFIG")
+    }
+    env.update(
+        TF_USE_LEGACY_KERAS="1",
+        TF_CPP_MIN_LOG_LEVEL="3",
+        NO_GCE_CHECK="true",
+        HOME=str(tmp_path / "home"),
+        CLOUDSDK_CONFIG=str(tmp_path / "gcloud"),
+    )
+    return env
+
+
+def run_runner(args: list[str], tmp_path: pathlib.Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "dataflow_runner.py"), *args],
+        cwd=tmp_path,
+        env=clean_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _param(task: dict, name: str):
+    value = task["inputs"]["parameters"][name]["runtimeValue"]["constantValue"]
+    text = value.get("stringValue")
+    return json.loads(text) if text is not None else value
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict:
+    pytest.importorskip(
+        "kfp.pipeline_spec", reason="compiling for Vertex AI needs kfp-pipeline-spec"
+    )
+    out = tmp_path_factory.mktemp("compiled") / "job.json"
+    assert dataflow_runner.main(CLOUD_ARGS + [f"--pipeline_json={out}", "--compile_only"]) == 0
+    return json.loads(out.read_text())
+
+
+def test_every_component_is_compiled(compiled):
+    tasks = compiled["pipelineSpec"]["root"]["dag"]["tasks"]
+    expected = {
+        *BEAM_COMPONENTS,
+        "SchemaGen",
+        "ExampleValidator",
+        *TRAINERS,
+        "Pusher",
+        "vertex_endpoint_pusher",
+    }
+    assert expected <= set(tasks)
+    # The resolver of the last blessed model compiles into two resolver tasks.
+    assert any(name.startswith("latest_blessed_model_resolver") for name in tasks)
+    assert compiled["runtimeConfig"]["gcsOutputDirectory"] == "gs://my-bucket/pipeline_root/simclr"
+    assert tasks["finetune_trainer"]["inputs"]["artifacts"]["base_model"]["taskOutputArtifact"][
+        "producerTask"
+    ] == ("pretrain_trainer")
+
+
+def test_beam_components_run_on_dataflow_in_the_pipeline_image(compiled):
+    executors = compiled["pipelineSpec"]["deploymentSpec"]["executors"]
+    for name in BEAM_COMPONENTS:
+        container = executors[f"{name}_executor"]["container"]
+        assert container["image"] == f"{REGISTRY}/simclr-tfx:latest", name
+        args = container["args"]
+        for expected in (
+            "--runner=DataflowRunner",
+            "--project=my-proj",
+            "--region=europe-west4",
+            "--temp_location=gs://my-bucket/tmp/dataflow",
+            f"--sdk_container_image={REGISTRY}/simclr-tfx:latest",
+            "--machine_type=n2-highmem-8",
+            "--max_num_workers=64",
+            "--disk_size_gb=250",
+            "--experiments=use_runner_v2",
+        ):
+            assert expected in args, (name, expected)
+    example_gen = executors["FileBasedExampleGen_executor"]["container"]["args"]
+    assert "pipeline.image_example_gen.executor.ImageFolderExecutor" in example_gen
+
+
+def test_trainers_run_on_a_vertex_tpu_worker_pool(compiled):
+    tasks = compiled["pipelineSpec"]["root"]["dag"]["tasks"]
+    executors = compiled["pipelineSpec"]["deploymentSpec"]["executors"]
+    for name in TRAINERS:
+        custom = _param(tasks[name], "custom_config")
+        assert custom["ai_platform_enable_vertex"] is True
+        assert custom["ai_platform_vertex_region"] == "europe-west4"
+        training = custom["ai_platform_training_args"]
+        assert training["project"] == "my-proj"
+        (pool,) = training["job_spec"]["worker_pool_specs"]
+        assert pool["machine_spec"] == {
+            "machine_type": "cloud-tpu",
+            "accelerator_type": "TPU_V3",
+            "accelerator_count": 8,
+        }
+        assert pool["container_spec"]["image_uri"] == f"{REGISTRY}/simclr-tfx-tpu:latest"
+        # run_fn's own keys travel next to the Vertex ones.
+        assert custom["stage"] == name.split("_")[0]
+        config = json.loads(custom["config"])
+        assert config["runtime"]["strategy"] == "tpu"
+        assert config["runtime"]["tpu_name"] == "local"
+        assert config["runtime"]["mixed_precision"] == "bfloat16"
+        assert config["pretrain"]["train_batch_size"] == 4096
+        assert config["data"]["image_format"] == "jpeg" and config["data"]["image_size"] == 224
+        assert config["finetune"]["label_subset"].endswith("1percent.txt")
+        executor = executors[f"{name}_executor"]["container"]
+        assert (
+            "tfx.extensions.google_cloud_ai_platform.trainer.executor.GenericExecutor"
+            in executor["args"]
+        )
+
+
+def test_evaluator_gates_and_pushers(compiled):
+    tasks = compiled["pipelineSpec"]["root"]["dag"]["tasks"]
+    eval_config = _param(tasks["Evaluator"], "eval_config")
+    (metrics,) = eval_config["metrics_specs"]
+    top1 = next(m for m in metrics["metrics"] if m["class_name"] == "SparseCategoricalAccuracy")
+    (gate,) = top1["per_slice_thresholds"]
+    assert gate["threshold"]["value_threshold"]["lower_bound"] == pytest.approx(0.6)
+    assert gate["threshold"]["change_threshold"]["absolute"] == pytest.approx(-0.01)
+    assert _param(tasks["Evaluator"], "example_splits") == ["val"]
+    push = _param(tasks["Pusher"], "push_destination")
+    assert push["filesystem"]["base_directory"] == "gs://my-bucket/serving_model/simclr"
+    endpoint = _param(tasks["vertex_endpoint_pusher"], "custom_config")
+    assert endpoint["ai_platform_serving_args"]["endpoint_name"] == "simclr-r50"
+    assert endpoint["ai_platform_serving_args"]["project_id"] == "my-proj"
+    assert endpoint["ai_platform_vertex_region"] == "europe-west4"
+
+
+@pytest.mark.parametrize("missing", ["--project", "--region", "--bucket"])
+def test_missing_cloud_flag_is_one_line_before_anything_runs(missing, tmp_path):
+    args = [a for a in CLOUD_ARGS if not a.startswith(missing + "=")]
+    result = run_runner(args + ["--pipeline_json=out.json"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {missing}: required by dataflow_runner.py"
+    ]
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_local_data_dir_is_rejected_in_one_line(tmp_path):
+    args = [a for a in CLOUD_ARGS if not a.startswith("--data_dir=")]
+    result = run_runner(args + [f"--data_dir={tmp_path}"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: --data_dir: must be a gs:// path on Google Cloud, got '{tmp_path}'"
+    ]
+
+
+def test_submit_without_credentials_fails_in_one_line(tmp_path):
+    pytest.importorskip(
+        "kfp.pipeline_spec", reason="compiling for Vertex AI needs kfp-pipeline-spec"
+    )
+    result = run_runner(CLOUD_ARGS + ["--pipeline_json=job.json", "--submit"], tmp_path)
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: --submit: no Google Cloud credentials (run `gcloud auth")
+    assert (tmp_path / "job.json").exists()
+
+
+# ----- TPU path: static shapes, so the ImageNet train step compiles with XLA -----
+
+
+def _xla_step(resnet_depth: int, width: float, stage: str):
+    from models import train_loop
+    from models.model import SimCLRModel
+    from models.optimizers import build_optimizer
+    from models.strategy import set_precision
+    from pipeline import configs
+
+    config = configs.build_config(
+        {
+            "dataset": "imagenet2012",
+            "data_dir": str(REPO_ROOT),
+            "resnet_depth": resnet_depth,
+            "width_multiplier": width,
+            "mixed_precision": "bfloat16",
+        }
+    )
+    set_precision(config.runtime.mixed_precision)
+    size = config.data.image_size
+    model = SimCLRModel(config.model, 1000, size, pretraining=stage == "pretrain")
+    model.build_for()
+    optimizer = build_optimizer("lars", 0.1, 0.9, 1e-6)
+    metrics = train_loop.make_metrics(stage)
+    images = tf.random.uniform([2, size, size, 3], seed=1)
+    labels = tf.constant([3, 7], tf.int64)
+    if stage == "pretrain":
+        step = train_loop.pretrain_step(
+            model,
+            optimizer,
+            metrics,
+            temperature=0.1,
+            hidden_norm=True,
+            lineareval=True,
+            weight_decay=1e-6,
+            optimizer_name="lars",
+        )
+        args = (images, tf.image.flip_left_right(images), labels)
+    else:
+        step = train_loop.finetune_step(
+            model, optimizer, metrics, weight_decay=1e-6, optimizer_name="lars"
+        )
+        args = (images, labels)
+    # As train_loop.run does with --jit_compile; XLA rejects any op it cannot compile.
+    tf.function(step, jit_compile=True)(*args)
+    return {name: float(m.result()) for name, m in metrics.items()}
+
+
+@pytest.fixture
+def restore_policy():
+    import tf_keras as keras
+
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_imagenet_step_compiles_with_xla_in_bfloat16(stage, restore_policy):
+    """The ImageNet config (224 px, bfloat16) on a narrow ResNet-18 to keep CPU compile short."""
+    results = _xla_step(18, 0.125, stage)
+    assert all(tf.math.is_finite(v) for v in results.values())
+    assert results["total_loss"] > 0
+
+
+@pytest.mark.e2e
+def test_resnet50_imagenet_step_compiles_with_xla(restore_policy):
+    """ResNet-50 at 224, batch 2, bfloat16: 1-3 minutes of XLA compilation on 2 CPU cores."""
+    results = _xla_step(50, 1, "pretrain")
+    assert all(tf.math.is_finite(v) for v in results.values())
+
+
+def test_train_input_has_static_shapes(tmp_path):
+    """drop_remainder and fixed crops: every tensor the TPU step receives has a static shape."""
+    from models import data as data_lib
+
+    path = str(tmp_path / "t.gz")
+    image = tf.io.encode_jpeg(tf.zeros([256, 256, 3], tf.uint8)).numpy()
+    with tf.io.TFRecordWriter(path, options="GZIP") as writer:
+        for i in range(3):
+            feature = {
+                "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
+                "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[i])),
+                "key": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"k%d" % i])),
+            }
+            writer.write(
+                tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+            )
+    spec = data_lib.ImageSpec(stored_size=256, image_format="jpeg", image_size=224)
+    for contrastive in (True, False):
+        dataset = data_lib.train_dataset(
+            path,
+            spec,
+            2,
+            contrastive=contrastive,
+            color_jitter_strength=1.0,
+            color_jitter_impl="v2",
+            use_blur=True,
+            seed=0,
+        )
+        for element in dataset.element_spec:
+            assert element.shape.is_fully_defined(), element
+        assert dataset.element_spec[0].shape == (2, 224, 224, 3)
+
+
+# ----- local rehearsal: the ImageNet configuration end to end on a handful of photographs -----
+
+
+@pytest.mark.e2e
+def test_local_imagenet_rehearsal(tmp_path):
+    """local_runner.py --dataset=imagenet2012 on ILSVRC-layout folders: ResNet-50 at 224, one
+    step per stage, fine-tuning on a 1%-style file list, through Evaluator and Pusher."""
+    data = write_imagenet_fixture(tmp_path / "imagenet")
+    subset = tmp_path / "1percent.txt"
+    listed = write_subset_list(data, subset, per_class=2)
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "local_runner.py",
+            "--dataset=imagenet2012",
+            f"--data_dir={data}",
+            "--eval_split=val",
+            f"--model_dir={out}",
+            f"--label_subset={subset}",
+            "--train_batch_size=4",
+            "--train_steps=1",
+            "--finetune_train_batch_size=4",
+            "--finetune_train_steps=1",
+            "--eval_batch_size=4",
+            "--min_top1=0",
+            "--max_top1_regression=1",
+        ],
+        cwd=REPO_ROOT,
+        env=clean_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    print(result.stdout[-4000:])
+    print(result.stderr[-4000:], file=sys.stderr)
+    assert result.returncode == 0
+    assert f"finetune: {len(listed)} of 12 labeled examples" in result.stdout
+    run = summary_lib.latest_run(str(out / "metadata.sqlite"))
+    assert {"Transform", "pretrain_trainer", "finetune_trainer", "Evaluator", "Pusher"} <= set(
+        run.components
+    )
+    assert run.example_count == 6
+    assert run.blessed is True and run.pushed
+    assert (pathlib.Path(run.pushed_destination) / "saved_model.pb").exists()
+    results = json.loads(
+        (pathlib.Path(run.model_run_uris["pretrain"]) / "results.json").read_text()
+    )
+    assert results["num_train_examples"] == 12
