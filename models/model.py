@@ -6,24 +6,11 @@ import tensorflow as tf
 import tf_keras as keras
 
 from models.heads import ProjectionHead, SupervisedHead
+from models.resnet import ENDPOINTS as BACKBONE_ENDPOINTS
 from models.resnet import ResNet
 from pipeline.configs import ModelConfig
 
-ENDPOINTS = (
-    "initial_conv",
-    "initial_max_pool",
-    "block_group1",
-    "block_group2",
-    "block_group3",
-    "block_group4",
-    "final_avg_pool",
-    "proj_head_input",
-    "proj_head_output",
-    "logits_sup",
-)
-
-
-BACKBONE_ENDPOINTS = ENDPOINTS[:7]
+ENDPOINTS = (*BACKBONE_ENDPOINTS, "proj_head_input", "proj_head_output", "logits_sup")
 
 
 class SavedModelBackbone(keras.layers.Layer):
