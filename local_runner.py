@@ -55,6 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.digits import write_digits_dataset
 
     model_dir = config.runner.resolved_model_dir(config.data.dataset)
+    from models.strategy import local_replicas
+    from pipeline.configs import ConfigError, validate
+
+    try:
+        validate(config, num_replicas=local_replicas(config.runtime.strategy))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         if config.data.dataset == "digits" and not config.data.data_dir:
             config.data.data_dir = str(write_digits_dataset(os.path.join(model_dir, "data")))

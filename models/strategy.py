@@ -24,6 +24,17 @@ def make_strategy(name: str, tpu_name: str = "") -> tf.distribute.Strategy:
     raise ValueError(f"--strategy: unknown strategy {name!r}")
 
 
+def local_replicas(name: str) -> int:
+    """Replicas a strategy will have on this machine, for checks made before any component runs.
+
+    Multi-worker and TPU replica counts are only known where the Trainer runs; 1 here.
+    """
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    if name == "mirrored" or (name == "auto" and gpus > 1):
+        return max(1, gpus)
+    return 1
+
+
 def set_precision(dtype: str) -> None:
     """Keras global policy; losses and softmax are computed in float32 by the train step."""
     policy = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}

@@ -113,7 +113,9 @@ def pretrain_step(
             loss += wd
             scaled = _scale(optimizer, loss / replicas)
         _apply_gradients(tape, scaled, model, optimizer)
-        stats = contrastive_metrics(con.logits, con.labels)
+        # As the reference logs them: over view-1 anchors against the view-2 block only.
+        half = tf.shape(con.logits)[1] // 2
+        stats = contrastive_metrics(con.logits[:, :half], con.labels[:, :half])
         metrics["total_loss"].update_state(loss)
         metrics["contrast_loss"].update_state(con.loss)
         metrics["contrast_acc"].update_state(stats["contrast_acc"])
