@@ -227,7 +227,7 @@ class RuntimeConfig:
     tpu_name: str = opt("", "TPU name or grpc:// address for --strategy=tpu.")
     mixed_precision: str = opt(
         "float32",
-        "Compute dtype: float32, bfloat16 (TPU/GPU) or float16 (GPU, with loss scaling).",
+        "Compute dtype: float32, bfloat16 (TPU, GPU, AMX CPUs) or float16 (GPU, loss scaling).",
         choices=("float32", "bfloat16", "float16"),
     )
     jit_compile: bool = opt(False, "Compile the train step with XLA.")
@@ -540,6 +540,7 @@ def validate(config: SimCLRConfig, num_replicas: int = 1) -> None:
     if config.distill.distill:
         stages.append("distill")
     need(config.pretrain.temperature > 0, "temperature", "must be positive")
+    need(config.pretrain.knn_every_epochs >= 0, "knn_every_epochs", "must be >= 0")
     f = config.finetune
     need(-1 <= f.fine_tune_after_block <= 4, "fine_tune_after_block", "must be in [-1, 4]")
     need(0 < f.label_fraction <= 1, "label_fraction", f"must be in (0, 1], got {f.label_fraction}")
