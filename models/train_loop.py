@@ -247,14 +247,14 @@ def run(
     dataset = strategy.distribute_datasets_from_function(lambda ctx: make_dataset(ctx, skip))
     iterator = iter(dataset)
 
-    @tf.function(jit_compile=False)
+    # XLA compiles the replica step only; the loop around it keeps the iterator outside XLA.
+    replica_step = tf.function(step_fn, jit_compile=True) if settings.jit_compile else step_fn
+
+    @tf.function
     def train_steps(iterator, steps: tf.Tensor) -> None:
         for _ in tf.range(steps):
-            strategy.run(step_fn, args=next(iterator))
+            strategy.run(replica_step, args=next(iterator))
             global_step.assign_add(1)
-
-    if settings.jit_compile:
-        step_fn = tf.function(step_fn, jit_compile=True)
 
     writer = tf.summary.create_file_writer(summary_dir)
     step = start

@@ -27,8 +27,6 @@ def _field_type(cls: type, f: dataclasses.Field) -> type:
     default = getattr(cls(), f.name)
     if isinstance(default, bool):
         return bool
-    if f.name == "width_multiplier":
-        return float
     return type(default)
 
 

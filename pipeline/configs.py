@@ -108,7 +108,7 @@ class AugmentConfig:
 class ModelConfig:
     resnet_depth: int = opt(50, "Depth of ResNet.", choices=RESNET_DEPTHS)
     width_multiplier: float = opt(
-        1,
+        1.0,
         "Multiplier of ResNet width. Integers as in SimCLR; fractions (e.g. 0.25) make tiny "
         "models for laptops and tests.",
     )
