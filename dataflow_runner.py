@@ -2,8 +2,9 @@
 ExampleGen/StatisticsGen/Transform/Evaluator, Vertex AI training runs the Trainers on TPUs (or
 GPUs), the Pusher writes to GCS and optionally deploys to a Vertex AI endpoint.
 
-python dataflow_runner.py --dataset=imagenet2012 --data_dir=gs://BUCKET/imagenet/tfds/3.0.0 \\
-    --data_format=tfrecord --project=PROJECT --region=us-central1 --bucket=gs://BUCKET \\
+python dataflow_runner.py --dataset=imagenet2012 \\
+    --data_dir=gs://BUCKET/tensorflow_datasets/imagenet2012/5.1.0 --data_format=tfrecord \\
+    --project=PROJECT --region=us-central1 --bucket=gs://BUCKET \\
     --compile_only                           # writes simclr.json, needs no credentials
 python dataflow_runner.py ... --submit       # writes it and starts the run on Vertex AI
 python dataflow_runner.py --help             # every option (docs/cloud.md walks through set-up)
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options.validate()
         cloud.validate_cloud_config(config)
+        cloud.check_batch_fits(config, options)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             config.data.data_format,
             config.data.train_split,
             config.data.eval_split,
+            config.data.drop_empty_class_folders,
         )
+        floor = pipeline_lib.min_top1(config, layout.num_classes)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -92,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     print(f"outputs: {model_dir}", flush=True)
+    how = "--min_top1" if config.eval.min_top1 >= 0 else "default: clearly above chance"
+    print(
+        f"evaluation: protocol {config.finetune.finetune_protocol}; gate top-1 >= {floor:.4f} "
+        f"({how}), at most {config.eval.max_top1_regression:.4f} below the last blessed model",
+        flush=True,
+    )
     started = time.time()
     try:
         tfx.orchestration.LocalDagRunner().run(pipeline)
@@ -112,4 +120,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Before TensorFlow loads: its C++ start-up noise goes straight to file descriptor 2.
+    from pipeline.console import install_noise_filter
+
+    install_noise_filter()
     sys.exit(main())

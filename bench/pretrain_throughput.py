@@ -9,7 +9,7 @@ once through this project's tf.Transform `preprocessing_fn` with tf.Transform's 
 implementation and written as GZIP TFRecords, exactly what the Transform component hands the
 Trainer; the result is cached under --work_dir. Training reads them with
 `models.data.train_dataset` (decode, two augmented views, batch, prefetch) and runs
-`models.train_loop.pretrain_step` (LARS, contrastive + linear-eval loss) as the Trainer does.
+`models.tasks.pretrain.contrastive_step` (LARS, contrastive + linear-eval loss) as the Trainer does.
 
 Reported: images/s counting each source image once (the batch size per step, not the 2x views
 the network sees), over --steps timed steps after --warmup_steps untimed ones (tracing, XLA
@@ -40,12 +40,12 @@ sys.path.insert(0, str(REPO_ROOT))
 import tensorflow as tf  # noqa: E402
 
 from models import data as data_lib  # noqa: E402
-from models import train_loop  # noqa: E402
+from models.config import RESNET_DEPTHS, ModelConfig, PretrainConfig  # noqa: E402
 from models.model import SimCLRModel  # noqa: E402
 from models.optimizers import build_optimizer  # noqa: E402
 from models.schedule import WarmUpAndCosineDecay  # noqa: E402
 from models.strategy import make_strategy, set_precision, wrap_optimizer  # noqa: E402
-from pipeline.configs import RESNET_DEPTHS, ModelConfig  # noqa: E402
+from models.tasks.pretrain import contrastive_step, pretrain_metrics  # noqa: E402
 
 NUM_CLASSES = 10
 # The reference's CIFAR-10 recipe (also this project's cifar10 preset).
@@ -210,17 +210,9 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer = wrap_optimizer(
             build_optimizer("lars", schedule, 0.9, WEIGHT_DECAY), args.mixed_precision
         )
-        metrics = train_loop.make_metrics("pretrain")
-    step_fn = train_loop.pretrain_step(
-        model,
-        optimizer,
-        metrics,
-        temperature=TEMPERATURE,
-        hidden_norm=True,
-        lineareval=True,
-        weight_decay=WEIGHT_DECAY,
-        optimizer_name="lars",
-    )
+        metrics = pretrain_metrics()
+    train = PretrainConfig(temperature=TEMPERATURE, weight_decay=WEIGHT_DECAY, optimizer="lars")
+    step_fn = contrastive_step(model, optimizer, metrics, train)
     # As train_loop.run does: XLA compiles the replica step, the distribution loop stays outside.
     if args.jit_compile:
         step_fn = tf.function(step_fn, jit_compile=True)

@@ -42,7 +42,11 @@ def to_float_image(image: tf.Tensor) -> tf.Tensor:
 
 
 def random_apply(fn: Callable[[tf.Tensor], tf.Tensor], p: float, image: tf.Tensor) -> tf.Tensor:
-    """Applies `fn` with probability `p`, decided by one uniform draw per call (i.e. per image)."""
+    """Applies `fn` with probability `p`, decided by one uniform draw per call (i.e. per image).
+
+    `fn` runs inside a `tf.cond` branch, so it should not draw random numbers itself: draw them
+    before and close over them (see the note above `random_brightness`).
+    """
     apply = tf.random.uniform([], 0.0, 1.0) < p
     return tf.cond(apply, lambda: fn(image), lambda: image)
 
@@ -131,6 +135,44 @@ def center_crop_and_resize(
     return resize(crop, image_size)
 
 
+# Randomness and branches: a stateful random op created inside a `tf.cond` / `tf.switch_case`
+# branch takes its op seed from the branch graph's own op counter, so under a global seed
+# (`tf.random.set_seed`, which the Trainer sets) structurally identical branches (the jitter
+# steps, the two views of an image) would replay one random sequence. Every parameter is
+# therefore drawn in the caller's graph first, and branches only apply deterministic ops.
+
+
+def _sample_factor(max_delta: float) -> tf.Tensor:
+    return tf.random.uniform([], max(1.0 - max_delta, 0.0), 1.0 + max_delta)
+
+
+def _sample_offset(max_delta: float) -> tf.Tensor:
+    return tf.random.uniform([], -max_delta, max_delta)
+
+
+def _brightness_fn(max_delta: float, impl: str) -> Callable[[tf.Tensor], tf.Tensor]:
+    if impl == "v2":
+        factor = _sample_factor(max_delta)
+        return lambda image: image * factor
+    delta = _sample_offset(max_delta)
+    return lambda image: tf.image.adjust_brightness(image, delta)
+
+
+def _contrast_fn(max_delta: float) -> Callable[[tf.Tensor], tf.Tensor]:
+    factor = _sample_factor(max_delta)
+    return lambda image: tf.image.adjust_contrast(image, factor)
+
+
+def _saturation_fn(max_delta: float) -> Callable[[tf.Tensor], tf.Tensor]:
+    factor = _sample_factor(max_delta)
+    return lambda image: tf.image.adjust_saturation(image, factor)
+
+
+def _hue_fn(max_delta: float) -> Callable[[tf.Tensor], tf.Tensor]:
+    delta = _sample_offset(max_delta)
+    return lambda image: tf.image.adjust_hue(image, delta)
+
+
 def random_brightness(image: tf.Tensor, max_delta: float, *, impl: str = "v2") -> tf.Tensor:
     """Random brightness change.
 
@@ -138,56 +180,58 @@ def random_brightness(image: tf.Tensor, max_delta: float, *, impl: str = "v2") -
     black; "v1" (SimCLRv1) adds an offset in [-max_delta, max_delta].
     """
     _check_impl(impl)
-    if impl == "v2":
-        factor = tf.random.uniform([], max(1.0 - max_delta, 0.0), 1.0 + max_delta)
-        return image * factor
-    delta = tf.random.uniform([], -max_delta, max_delta)
-    return tf.image.adjust_brightness(image, delta)
+    return _brightness_fn(max_delta, impl)(image)
 
 
 def random_contrast(image: tf.Tensor, max_delta: float) -> tf.Tensor:
     """Scales each channel's deviation from its mean by a factor in [max(1 - d, 0), 1 + d]."""
-    factor = tf.random.uniform([], max(1.0 - max_delta, 0.0), 1.0 + max_delta)
-    return tf.image.adjust_contrast(image, factor)
+    return _contrast_fn(max_delta)(image)
 
 
 def random_saturation(image: tf.Tensor, max_delta: float) -> tf.Tensor:
     """Scales HSV saturation by a factor in [max(1 - d, 0), 1 + d]."""
-    factor = tf.random.uniform([], max(1.0 - max_delta, 0.0), 1.0 + max_delta)
-    return tf.image.adjust_saturation(image, factor)
+    return _saturation_fn(max_delta)(image)
 
 
 def random_hue(image: tf.Tensor, max_delta: float) -> tf.Tensor:
     """Rotates the hue by an offset in [-max_delta, max_delta] (fraction of the hue circle)."""
-    delta = tf.random.uniform([], -max_delta, max_delta)
-    return tf.image.adjust_hue(image, delta)
+    return _hue_fn(max_delta)(image)
 
 
-def color_jitter(image: tf.Tensor, strength: float, *, impl: str = "v2") -> tf.Tensor:
-    """Applies brightness, contrast, saturation (0.8 * strength) and hue (0.2 * strength) jitter.
+def sample_color_jitter(strength: float, *, impl: str = "v2") -> Callable[[tf.Tensor], tf.Tensor]:
+    """Draws one image's colour-jitter parameters now and returns the jitter that applies them.
 
-    The four transforms run in a random order drawn per image, clipping to [0, 1] after each, for
-    both impls; the impls differ only in the brightness rule (see `random_brightness`). Lower
-    factor bounds are clamped at 0 so strengths above 1.25 stay valid. A transform whose
-    magnitude is 0 is skipped, so `strength=0` returns the input unchanged.
+    Brightness, contrast, saturation (0.8 * strength) and hue (0.2 * strength) run in a random
+    order, clipping to [0, 1] after each, for both impls; the impls differ only in the brightness
+    rule (see `random_brightness`). Lower factor bounds are clamped at 0 so strengths above 1.25
+    stay valid. A transform whose magnitude is 0 is skipped, so `strength=0` is the identity.
     """
     _check_impl(impl)
     if strength < 0:
         raise ValueError(f"color_jitter_strength must be >= 0, got {strength}")
-    magnitudes = [
-        (functools.partial(random_brightness, impl=impl), 0.8 * strength),
-        (random_contrast, 0.8 * strength),
-        (random_saturation, 0.8 * strength),
-        (random_hue, 0.2 * strength),
+    makers = [
+        (functools.partial(_brightness_fn, impl=impl), 0.8 * strength),
+        (_contrast_fn, 0.8 * strength),
+        (_saturation_fn, 0.8 * strength),
+        (_hue_fn, 0.2 * strength),
     ]
-    transforms = [functools.partial(fn, max_delta=m) for fn, m in magnitudes if m > 0]
+    transforms = [make(magnitude) for make, magnitude in makers if magnitude > 0]
     if not transforms:
-        return image
+        return lambda image: image
     order = tf.random.shuffle(tf.range(len(transforms)))
-    for step in range(len(transforms)):
-        branches = [functools.partial(fn, image) for fn in transforms]
-        image = tf.clip_by_value(tf.switch_case(order[step], branches), 0.0, 1.0)
-    return image
+
+    def jitter(image: tf.Tensor) -> tf.Tensor:
+        for step in range(len(transforms)):
+            branches = [functools.partial(fn, image) for fn in transforms]
+            image = tf.clip_by_value(tf.switch_case(order[step], branches), 0.0, 1.0)
+        return image
+
+    return jitter
+
+
+def color_jitter(image: tf.Tensor, strength: float, *, impl: str = "v2") -> tf.Tensor:
+    """Random-order colour jitter with parameters drawn for this image (`sample_color_jitter`)."""
+    return sample_color_jitter(strength, impl=impl)(image)
 
 
 def to_grayscale(image: tf.Tensor) -> tf.Tensor:
@@ -205,9 +249,8 @@ def random_color_distort(
 ) -> tf.Tensor:
     """Colour jitter with probability `jitter_prob`, then grayscale with probability
     `grayscale_prob`, each decided independently per image."""
-    image = random_apply(
-        functools.partial(color_jitter, strength=strength, impl=impl), jitter_prob, image
-    )
+    jitter = sample_color_jitter(strength, impl=impl)
+    image = random_apply(jitter, jitter_prob, image)
     return random_apply(to_grayscale, grayscale_prob, image)
 
 
@@ -252,9 +295,8 @@ def random_blur(
     sigma_range: tuple[float, float] = BLUR_SIGMA_RANGE,
 ) -> tf.Tensor:
     """Gaussian blur with probability `p` and a sigma drawn for this image alone."""
-    return random_apply(
-        lambda x: gaussian_blur(x, kernel_size, sample_blur_sigma(sigma_range)), p, image
-    )
+    sigma = sample_blur_sigma(sigma_range)
+    return random_apply(lambda x: gaussian_blur(x, kernel_size, sigma), p, image)
 
 
 def preprocess_for_train(

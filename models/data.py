@@ -20,7 +20,11 @@ AUTOTUNE = tf.data.AUTOTUNE
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """How images are stored by Transform and what size the model sees."""
+    """How images are stored by Transform and what size the model sees.
+
+    `stored_size` is the side of the stored square for 'raw' and the shorter side of the
+    stored (aspect-preserving) image for 'jpeg'; see `transform.preprocessing`.
+    """
 
     stored_size: int
     image_format: str
@@ -149,11 +153,12 @@ def train_dataset(
     """Endless shuffled batches for one replica.
 
     contrastive=True yields (view1, view2, label) with two independent SimCLR views; otherwise
-    (image, label) with crop+flip only, as the reference fine-tunes. `skip_examples` resumes the
-    deterministic record order after a restart without decoding the skipped records.
+    (image, label) with crop+flip only, as the reference fine-tunes. Random crops are drawn from
+    the whole stored image (for 'jpeg' storage, the full non-square image). `skip_examples`
+    resumes the deterministic record order after a restart without decoding the skipped records.
     `keep_keys` drops every other example; `labeled_keys` keeps them all but sets label -1
-    outside the set (distillation's unlabeled images). `shard`
-    is (number of input pipelines, this pipeline's index) for multi-worker training.
+    outside the set (distillation's unlabeled images). `shard` is (number of input pipelines,
+    this pipeline's index) for multi-worker training.
     """
     ds = _record_dataset(files, shuffle=True, seed=seed)
     if shard[0] > 1:
@@ -201,13 +206,31 @@ def train_dataset(
     return ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
 
 
+def eval_image(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    """The deterministic view evaluated and served: float32 [image_size, image_size, 3] in [0, 1].
+
+    Above 32 px, the reference's centre crop (`augment.CROP_PROPORTION` of the shorter side) of
+    the whole stored image, resized. At 32 px and below the reference crops nothing; a non-square
+    input (a JPEG-stored small dataset) is then cut to its centred square first so that the
+    resize does not squash it.
+    """
+    if image_size <= augment.EVAL_CROP_MIN_SIZE:
+        shape = tf.shape(image)
+        side = tf.minimum(shape[0], shape[1])
+        # Same rounding of odd margins as augment.center_crop_and_resize.
+        image = tf.image.crop_to_bounding_box(
+            image, (shape[0] - side + 1) // 2, (shape[1] - side + 1) // 2, side, side
+        )
+    return augment.preprocess_for_eval(image, image_size)
+
+
 def eval_dataset(files: Sequence[str] | str, spec: ImageSpec, batch_size: int) -> tf.data.Dataset:
-    """One pass over a split in file order, center-cropped as at serving time."""
+    """One pass over a split in file order, preprocessed by `eval_image` as at serving time."""
     ds = _record_dataset(files, shuffle=False, seed=0).map(
         _parse(spec), num_parallel_calls=AUTOTUNE
     )
     ds = ds.map(
-        lambda ex: (augment.preprocess_for_eval(ex["image"], spec.image_size), ex["label"]),
+        lambda ex: (eval_image(ex["image"], spec.image_size), ex["label"]),
         num_parallel_calls=AUTOTUNE,
     )
     return ds.batch(batch_size).prefetch(AUTOTUNE)

@@ -20,7 +20,7 @@ import tensorflow as tf
 import tensorflow_transform as tft
 import tf_keras as keras
 
-from models import augment
+from models import data as data_lib
 from models.model import ENDPOINTS
 from transform import preprocessing as tp
 
@@ -44,9 +44,12 @@ class ServingModule(tf.Module):
         self._stored_size = stored_size
         self._image_format = image_format
         size = model.image_size
+        # No autograph: nothing here branches on tensors, and converting Transform's Keras layer
+        # and its loaded graph costs tens of seconds of tracing at every export.
         self.serve_examples = tf.function(
             self._serve_examples,
             input_signature=[tf.TensorSpec([None], tf.string, name="examples")],
+            autograph=False,
         )
         self.serve_images = tf.function(
             self._serve_images,
@@ -75,7 +78,7 @@ class ServingModule(tf.Module):
 
         def prepare(serialized: tf.Tensor) -> tf.Tensor:
             image = tp.decode_stored_image(serialized, self._stored_size, self._image_format)
-            return augment.preprocess_for_eval(image, size)
+            return data_lib.eval_image(image, size)
 
         images = tf.map_fn(
             prepare,

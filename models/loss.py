@@ -84,3 +84,43 @@ def contrastive_metrics(logits: tf.Tensor, labels: tf.Tensor) -> dict[str, tf.Te
         "contrast_acc": tf.reduce_mean(tf.cast(hits, tf.float32)),
         "contrast_entropy": tf.reduce_mean(entropy),
     }
+
+
+def supervised_loss(labels: tf.Tensor, logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Mean softmax cross entropy and top-1 accuracy of integer labels, computed in float32."""
+    logits = tf.cast(logits, tf.float32)
+    loss = tf.reduce_mean(
+        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    )
+    acc = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, -1), labels), tf.float32))
+    return loss, acc
+
+
+def partially_labeled_loss(labels: tf.Tensor, logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """`supervised_loss` over the examples whose label is >= 0 (-1 marks unlabeled ones).
+
+    Both are 0 for a batch without labels, so a step on unlabeled images stays finite.
+    """
+    logits = tf.cast(logits, tf.float32)
+    labeled = labels >= 0
+    count = tf.reduce_sum(tf.cast(labeled, tf.float32))
+    per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tf.maximum(labels, 0), logits=logits
+    )
+    correct = tf.cast(tf.equal(tf.argmax(logits, -1), labels), tf.float32)
+    loss = tf.math.divide_no_nan(tf.reduce_sum(tf.where(labeled, per_example, 0.0)), count)
+    acc = tf.math.divide_no_nan(tf.reduce_sum(tf.where(labeled, correct, 0.0)), count)
+    return loss, acc
+
+
+def distillation_loss(
+    teacher_logits: tf.Tensor, student_logits: tf.Tensor, temperature: float
+) -> tf.Tensor:
+    """SimCLRv2's distillation loss: T^2 * mean CE(softmax(teacher / T), student / T).
+
+    The T^2 factor keeps gradient magnitudes comparable across temperatures (Hinton et al.).
+    """
+    targets = tf.nn.softmax(tf.cast(teacher_logits, tf.float32) / temperature)
+    logits = tf.cast(student_logits, tf.float32) / temperature
+    per_example = tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=logits)
+    return temperature**2 * tf.reduce_mean(per_example)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import tensorflow as tf
 import tf_keras as keras
 
+from models.config import ModelConfig
 from models.heads import ProjectionHead, SupervisedHead
 from models.resnet import ENDPOINTS as BACKBONE_ENDPOINTS
 from models.resnet import ResNet
-from pipeline.configs import ModelConfig
 
 ENDPOINTS = (*BACKBONE_ENDPOINTS, "proj_head_input", "proj_head_output", "logits_sup")
 
@@ -105,3 +107,59 @@ class SimCLRModel(keras.Model):
     def build_for(self, batch: int = 1) -> None:
         """Creates all variables with one forward pass on zeros (needed before restoring)."""
         self(tf.zeros([batch, self.image_size, self.image_size, 3]), training=False)
+
+
+def saved_model_dir(path: str) -> str:
+    """TFX points base_model at <artifact>/Format-Serving; an imported model is the uri itself."""
+    if tf.io.gfile.exists(tf.io.gfile.join(path, "saved_model.pb")):
+        return path
+    parent = path.rstrip("/").rsplit("/", 1)[0]
+    if tf.io.gfile.exists(tf.io.gfile.join(parent, "saved_model.pb")):
+        return parent
+    raise ValueError(f"base model: no SavedModel at {path}")
+
+
+# How a projection-head layer's variables are named: ours (`projection_head/layer_<i>/...`) and
+# the released SimCLR TF2 format's (`.../nl_<i>/...`).
+_HEAD_LAYER = re.compile(r"(?:projection_head/layer_|head_projection/nl_|/nl_)(\d+)/(.+)$")
+
+
+def _head_key(name: str) -> tuple[int, str] | None:
+    """(layer index, the variable's name inside that layer without scopes), or None."""
+    match = _HEAD_LAYER.search(name.split(":")[0])
+    if not match:
+        return None
+    inner = match.group(2)
+    # Only the leaf matters (kernel, bias, gamma, beta, moving_mean, moving_variance): layer
+    # internals are named differently across the formats.
+    return int(match.group(1)), inner.rsplit("/", 1)[-1]
+
+
+def import_projection_head(head: ProjectionHead, path: str, selector: int) -> int:
+    """Copies the first `selector` projection layers of a released-format SavedModel into `head`.
+
+    SimCLRv2 fine-tunes from the first projection layer (ft_proj_selector=1): those layers must
+    start from their pretrained values, not from a random initialization. Returns the number of
+    layers copied; a layer missing from the SavedModel is a one-line error.
+    """
+    if selector <= 0:
+        return 0
+    loaded = tf.saved_model.load(path)
+    source: dict[tuple[int, str], tf.Variable] = {}
+    for variable in loaded.variables:
+        key = _head_key(variable.name)
+        if key is not None:
+            source[key] = variable
+    for index in range(selector):
+        targets = [v for v in head.weights if (k := _head_key(v.name)) and k[0] == index]
+        if not targets:
+            raise ValueError(f"--ft_proj_selector: the model has no projection layer {index}")
+        for target in targets:
+            key = _head_key(target.name)
+            if key not in source:
+                raise ValueError(
+                    f"--checkpoint: {path} has no pretrained projection layer {index} "
+                    f"({key[1]}) for --ft_proj_selector={selector}"
+                )
+            target.assign(tf.cast(source[key], target.dtype))
+    return selector

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import tensorflow as tf
 import tf_keras as keras
 
@@ -48,3 +50,31 @@ def wrap_optimizer(optimizer: keras.optimizers.Optimizer, dtype: str):
     if dtype == "float16":
         return keras.mixed_precision.LossScaleOptimizer(optimizer)
     return optimizer
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the run's shared outputs.
+
+    Under MultiWorkerMirroredStrategy that is the 'chief' task, or worker 0 of a cluster without
+    one; every other strategy runs in one process, which is the chief.
+    """
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return True
+    resolver = strategy.cluster_resolver
+    task_type, task_id = resolver.task_type, resolver.task_id
+    if task_type in (None, "chief"):
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return task_type == "worker" and task_id == 0 and not has_chief
+
+
+def worker_dirs(strategy: tf.distribute.Strategy, *dirs: str) -> tuple[str, ...]:
+    """`dirs` on the chief; fresh scratch directories on other workers.
+
+    Saving checkpoints, summaries and SavedModels is collective under multi-worker training, so
+    every worker writes, but only the chief's copy may land where later stages read.
+    """
+    if is_chief(strategy):
+        return dirs
+    task_id = strategy.cluster_resolver.task_id
+    return tuple(tempfile.mkdtemp(prefix=f"worker{task_id}-") for _ in dirs)

@@ -15,24 +15,7 @@ from dataclasses import dataclass
 import tensorflow as tf
 import tf_keras as keras
 
-from models.loss import contrastive_metrics, nt_xent_loss
-from models.optimizers import weight_decay_loss
-
 log = logging.getLogger(__name__)
-
-METRIC_NAMES = {
-    "pretrain": (
-        "total_loss",
-        "contrast_loss",
-        "contrast_acc",
-        "contrast_entropy",
-        "supervised_loss",
-        "supervised_acc",
-        "weight_decay",
-    ),
-    "finetune": ("total_loss", "supervised_loss", "supervised_acc", "weight_decay"),
-    "distill": ("total_loss", "distill_loss", "supervised_loss", "supervised_acc", "weight_decay"),
-}
 
 
 @dataclass(frozen=True)
@@ -44,162 +27,6 @@ class LoopSettings:
     global_batch_size: int
     keep_checkpoint_max: int
     jit_compile: bool = False
-
-
-def make_metrics(stage: str) -> dict[str, keras.metrics.Mean]:
-    """Running means, reset at every summary; create them inside the strategy scope."""
-    return {name: keras.metrics.Mean(f"train/{name}") for name in METRIC_NAMES[stage]}
-
-
-def _supervised(labels: tf.Tensor, logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    logits = tf.cast(logits, tf.float32)
-    loss = tf.reduce_mean(
-        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-    )
-    acc = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, -1), labels), tf.float32))
-    return loss, acc
-
-
-def _scale(optimizer: keras.optimizers.Optimizer, loss: tf.Tensor) -> tf.Tensor:
-    if isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer):
-        return optimizer.get_scaled_loss(loss)
-    return loss
-
-
-def _apply_gradients(tape: tf.GradientTape, loss: tf.Tensor, model: keras.Model, optimizer) -> None:
-    """Gradients of the replica's share of the loss; the optimizer sums them across replicas.
-
-    Variables without a gradient (projection layers above ft_proj_selector while fine-tuning)
-    are left out rather than updated with zeros.
-    """
-    variables = model.trainable_variables
-    grads = tape.gradient(loss, variables)
-    if isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer):
-        grads = optimizer.get_unscaled_gradients(grads)
-    optimizer.apply_gradients(
-        [(g, v) for g, v in zip(grads, variables, strict=True) if g is not None]
-    )
-
-
-def pretrain_step(
-    model: keras.Model,
-    optimizer: keras.optimizers.Optimizer,
-    metrics: dict[str, keras.metrics.Mean],
-    *,
-    temperature: float,
-    hidden_norm: bool,
-    lineareval: bool,
-    weight_decay: float,
-    optimizer_name: str,
-) -> Callable:
-    """Replica step: contrastive loss on two views (+ linear eval head on stop-gradient)."""
-
-    def step(view1: tf.Tensor, view2: tf.Tensor, labels: tf.Tensor) -> None:
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        images = tf.concat([view1, view2], axis=0)
-        with tf.GradientTape() as tape:
-            outputs = model(images, training=True)
-            hidden = tf.cast(outputs["proj_head_output"], tf.float32)
-            con = nt_xent_loss(hidden, temperature=temperature, hidden_norm=hidden_norm)
-            loss = con.loss
-            if lineareval:
-                sup_loss, sup_acc = _supervised(
-                    tf.concat([labels, labels], 0), outputs["logits_sup"]
-                )
-                loss += sup_loss
-                metrics["supervised_loss"].update_state(sup_loss)
-                metrics["supervised_acc"].update_state(sup_acc)
-            wd = weight_decay_loss(model.trainable_variables, weight_decay, optimizer_name)
-            loss += wd
-            scaled = _scale(optimizer, loss / replicas)
-        _apply_gradients(tape, scaled, model, optimizer)
-        # As the reference logs them: over view-1 anchors against the view-2 block only.
-        half = tf.shape(con.logits)[1] // 2
-        stats = contrastive_metrics(con.logits[:, :half], con.labels[:, :half])
-        metrics["total_loss"].update_state(loss)
-        metrics["contrast_loss"].update_state(con.loss)
-        metrics["contrast_acc"].update_state(stats["contrast_acc"])
-        metrics["contrast_entropy"].update_state(stats["contrast_entropy"])
-        metrics["weight_decay"].update_state(wd)
-
-    return step
-
-
-def finetune_step(
-    model: keras.Model,
-    optimizer: keras.optimizers.Optimizer,
-    metrics: dict[str, keras.metrics.Mean],
-    *,
-    weight_decay: float,
-    optimizer_name: str,
-) -> Callable:
-    """Replica step: cross-entropy of the supervised head."""
-
-    def step(images: tf.Tensor, labels: tf.Tensor) -> None:
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        with tf.GradientTape() as tape:
-            outputs = model(images, training=True)
-            sup_loss, sup_acc = _supervised(labels, outputs["logits_sup"])
-            wd = weight_decay_loss(model.trainable_variables, weight_decay, optimizer_name)
-            loss = sup_loss + wd
-            scaled = _scale(optimizer, loss / replicas)
-        _apply_gradients(tape, scaled, model, optimizer)
-        metrics["total_loss"].update_state(loss)
-        metrics["supervised_loss"].update_state(sup_loss)
-        metrics["supervised_acc"].update_state(sup_acc)
-        metrics["weight_decay"].update_state(wd)
-
-    return step
-
-
-def distill_step(
-    model: keras.Model,
-    teacher,
-    optimizer: keras.optimizers.Optimizer,
-    metrics: dict[str, keras.metrics.Mean],
-    *,
-    temperature: float,
-    label_weight: float,
-    weight_decay: float,
-    optimizer_name: str,
-) -> Callable:
-    """Replica step of SimCLRv2 distillation: T^2 * CE(softmax(teacher/T), student/T).
-
-    The teacher (a loaded SavedModel, called as `teacher(images, trainable=False)`) labels every
-    image; examples with label -1 are unlabeled and skip the optional label loss.
-    """
-
-    def step(images: tf.Tensor, labels: tf.Tensor) -> None:
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        teacher_logits = tf.cast(teacher(images, trainable=False)["logits_sup"], tf.float32)
-        targets = tf.nn.softmax(teacher_logits / temperature)
-        with tf.GradientTape() as tape:
-            logits = tf.cast(model(images, training=True)["logits_sup"], tf.float32)
-            distill = temperature**2 * tf.reduce_mean(
-                tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=logits / temperature)
-            )
-            labeled = labels >= 0
-            n_labeled = tf.reduce_sum(tf.cast(labeled, tf.float32))
-            per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
-                labels=tf.maximum(labels, 0), logits=logits
-            )
-            sup_loss = tf.math.divide_no_nan(
-                tf.reduce_sum(tf.where(labeled, per_example, 0.0)), n_labeled
-            )
-            wd = weight_decay_loss(model.trainable_variables, weight_decay, optimizer_name)
-            loss = distill + label_weight * sup_loss + wd
-            scaled = _scale(optimizer, loss / replicas)
-        _apply_gradients(tape, scaled, model, optimizer)
-        correct = tf.cast(tf.equal(tf.argmax(logits, -1), labels), tf.float32)
-        metrics["total_loss"].update_state(loss)
-        metrics["distill_loss"].update_state(distill)
-        metrics["supervised_loss"].update_state(sup_loss)
-        metrics["supervised_acc"].update_state(
-            tf.math.divide_no_nan(tf.reduce_sum(tf.where(labeled, correct, 0.0)), n_labeled)
-        )
-        metrics["weight_decay"].update_state(wd)
-
-    return step
 
 
 def _format_eta(seconds: float) -> str:
@@ -220,8 +47,12 @@ def run(
     checkpoint_dir: str,
     summary_dir: str,
     on_checkpoint: Callable[[int], dict[str, float]] | None = None,
+    restore_dir: str = "",
 ) -> int:
-    """Trains to settings.total_steps, resuming from the newest checkpoint in checkpoint_dir.
+    """Trains to settings.total_steps, resuming from the newest checkpoint in restore_dir.
+
+    Checkpoints are written to checkpoint_dir; restore_dir (default: the same) differs only on
+    multi-worker non-chief workers, which write to scratch but restore what the chief wrote.
 
     make_dataset(input_context, skip_examples) builds one replica group's input; on resume it
     skips the examples already consumed so the record order continues where it stopped.
@@ -234,15 +65,13 @@ def run(
     manager = tf.train.CheckpointManager(
         checkpoint, checkpoint_dir, max_to_keep=settings.keep_checkpoint_max
     )
-    if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).expect_partial()
-        log.info("Restored %s at step %d", manager.latest_checkpoint, int(global_step.numpy()))
-        print(
-            f"{settings.stage}: resuming from {manager.latest_checkpoint} "
-            f"(step {int(global_step.numpy())})",
-            flush=True,
-        )
+    latest = tf.train.latest_checkpoint(restore_dir or checkpoint_dir)
+    if latest:
+        checkpoint.restore(latest).expect_partial()
     start = int(global_step.numpy())
+    if latest:
+        log.info("Restored %s at step %d", latest, start)
+        print(f"{settings.stage}: resuming from {latest} (step {start})", flush=True)
     skip = start * settings.global_batch_size
     dataset = strategy.distribute_datasets_from_function(lambda ctx: make_dataset(ctx, skip))
     iterator = iter(dataset)
@@ -337,3 +166,18 @@ def evaluate(model: keras.Model, dataset: tf.data.Dataset) -> dict[str, float]:
         "eval/label_top_5_accuracy": top5 / count,
         "eval/num_examples": count,
     }
+
+
+def log_eval(results: dict[str, float], log_dir: str, step: int, stage: str) -> None:
+    """Writes eval results as TensorBoard scalars at `step` and prints the headline."""
+    writer = tf.summary.create_file_writer(log_dir)
+    with writer.as_default(step=step):
+        for name, value in results.items():
+            tf.summary.scalar(name, value)
+    writer.flush()
+    print(
+        f"{stage}: eval top-1 {results['eval/label_top_1_accuracy']:.4f}, "
+        f"top-5 {results['eval/label_top_5_accuracy']:.4f} "
+        f"on {int(results['eval/num_examples'])} examples",
+        flush=True,
+    )

@@ -9,6 +9,8 @@ TFX are imported only where needed, so flag errors come before their start-up co
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import re
 from collections.abc import Callable
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
 # Vertex AI's TensorFlow serving image closest to the pipeline's TF 2.16.
 DEFAULT_SERVING_IMAGE = "us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu.2-15:latest"
 _BUCKET = re.compile(r"^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+# What KubeflowV2DagRunner accepts as a pipeline name (tfx/orchestration/kubeflow/v2).
+_PIPELINE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,127}")
 
 
 class CloudError(RuntimeError):
@@ -42,18 +46,26 @@ class Accelerator:
     # GPU machines come in sizes: the machine type for N accelerators, and the allowed N.
     machine_for_count: str = ""
     counts: tuple[int, ...] = ()
+    # Memory of one replica's device (a TPU core, a GPU), for the batch-size check.
+    device_memory_gib: float = 0.0
 
     @property
     def is_tpu(self) -> bool:
         return self.accelerator_type.startswith("TPU")
 
+    @property
+    def is_gpu(self) -> bool:
+        return self.accelerator_type.startswith("NVIDIA")
+
 
 # On a Vertex TPU VM the chips are local: TPUClusterResolver(tpu="local").
 _TPU_FLAGS = ("--strategy=tpu", "--tpu_name=local", "--mixed_precision=bfloat16")
+# v2-8 and v3-8 hosts: 4 chips, 8 cores (the replicas), 8 / 16 GiB HBM per core. TPU v5e and
+# newer are left out: TensorFlow >= 2.15 drives them only through the PJRT runtime, which the
+# trainer image does not configure and no job has proven yet (docs/cloud.md).
 ACCELERATORS: dict[str, Accelerator] = {
-    "tpu_v2": Accelerator("cloud-tpu", "TPU_V2", 8, runtime_flags=_TPU_FLAGS),
-    "tpu_v3": Accelerator("cloud-tpu", "TPU_V3", 8, runtime_flags=_TPU_FLAGS),
-    "tpu_v5e": Accelerator("ct5lp-hightpu-8t", "TPU_V5_LITEPOD", 8, "2x4", _TPU_FLAGS),
+    "tpu_v2": Accelerator("cloud-tpu", "TPU_V2", 8, runtime_flags=_TPU_FLAGS, device_memory_gib=8),
+    "tpu_v3": Accelerator("cloud-tpu", "TPU_V3", 8, runtime_flags=_TPU_FLAGS, device_memory_gib=16),
     "a100": Accelerator(
         "a2-highgpu-8g",
         "NVIDIA_TESLA_A100",
@@ -61,6 +73,7 @@ ACCELERATORS: dict[str, Accelerator] = {
         runtime_flags=("--strategy=mirrored", "--mixed_precision=bfloat16"),
         machine_for_count="a2-highgpu-{count}g",
         counts=(1, 2, 4, 8),
+        device_memory_gib=40,
     ),
     "cpu": Accelerator("n1-highmem-16", "", 0),
 }
@@ -86,6 +99,7 @@ class CloudOptions:
     vertex_endpoint: str = ""
     serving_image: str = DEFAULT_SERVING_IMAGE
     serving_machine_type: str = "n1-standard-4"
+    keep_previous_deployments: bool = False
     pipeline_json: str = ""
     compile_only: bool = False
     submit: bool = False
@@ -150,6 +164,8 @@ class CloudOptions:
             return self.trainer_image
         if self.accelerator.is_tpu:
             return f"{self.registry}/simclr-tfx-tpu:latest"
+        if self.accelerator.is_gpu:  # the pipeline image has no CUDA libraries
+            return f"{self.registry}/simclr-tfx-gpu:latest"
         return self.resolved_pipeline_image
 
 
@@ -170,8 +186,9 @@ def cloud_flags() -> list[tuple[str, dict]]:
         (
             "--trainer_image",
             {
-                "help": "Image for the Vertex AI training jobs; default the TPU image "
-                "(docker/Dockerfile.tpu, .../simclr-tfx-tpu:latest) on TPUs, else the "
+                "help": "Image for the Vertex AI training jobs; default "
+                ".../simclr-tfx-tpu:latest (docker/Dockerfile.tpu) on TPUs, "
+                ".../simclr-tfx-gpu:latest (docker/Dockerfile.gpu) on GPUs, else the "
                 "pipeline image."
             },
         ),
@@ -216,6 +233,15 @@ def cloud_flags() -> list[tuple[str, dict]]:
         (
             "--serving_machine_type",
             {"help": f"Vertex endpoint machine type (default {d.serving_machine_type})."},
+        ),
+        (
+            "--keep_previous_deployments",
+            {
+                "action": "store_true",
+                "help": "Keep models deployed to --vertex_endpoint by earlier pushes (each "
+                "bills its machines around the clock); default: undeploy them once a new "
+                "model is deployed.",
+            },
         ),
         (
             "--pipeline_json",
@@ -263,6 +289,113 @@ def validate_cloud_config(config: SimCLRConfig) -> None:
         )
     if not d.eval_split:
         raise ConfigError("--eval_split: required (e.g. 'validation' for TFDS, 'val' for ILSVRC)")
+    name = config.runner.pipeline_name
+    if not _PIPELINE_NAME.fullmatch(name):
+        raise ConfigError(
+            "--pipeline_name: Vertex AI Pipelines needs lowercase letters, digits and '-', "
+            f"starting with a letter or digit, at most 128 characters; got {name!r}"
+        )
+
+
+# ----- will the batch fit the accelerator? -----
+
+# Residual blocks per group, as in models/resnet.py (kept here so flag checks need no
+# TensorFlow; tests/pipeline/test_cloud.py compares the two).
+_BLOCKS_PER_GROUP: dict[int, tuple[int, int, int, int]] = {
+    18: (2, 2, 2, 2),
+    34: (3, 4, 6, 3),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+    200: (3, 24, 36, 3),
+}
+# Tensors of each convolution's size that the backward pass keeps: the conv's output and its
+# batch-norm(+ReLU) output.
+_KEPT_PER_CONV = 2
+# Set aside on each device for weights, gradients, optimizer slots and compiler scratch.
+RESERVED_GIB = 1.0
+_GIB = 1024**3
+
+
+def activation_elements(depth: int, width_multiplier: float, image_size: int) -> int:
+    """Elements of every convolution output (and the stem's max pool) of one image's forward
+    pass through the ResNet of models/resnet.py: what training keeps until the backward pass.
+
+    Selective-kernel and squeeze-excitation extras are not counted.
+    """
+    width = max(1, round(64 * width_multiplier))
+    bottleneck = depth >= 50
+    if image_size <= 32:  # CIFAR stem: one 3x3/1 convolution, no pooling.
+        side = image_size
+        total = side * side * width
+    else:  # 7x7/2 convolution, then a 3x3/2 max pool.
+        side = math.ceil(image_size / 2)
+        total = side * side * width
+        side = math.ceil(side / 2)
+        total += side * side * width
+    for group, blocks in enumerate(_BLOCKS_PER_GROUP[depth]):
+        filters = width * 2**group
+        out_channels = filters * (4 if bottleneck else 1)
+        for block in range(blocks):
+            in_side = side
+            if block == 0 and group > 0:
+                side = math.ceil(side / 2)
+            if bottleneck:  # 1x1 at the input resolution, strided 3x3, 1x1 expansion
+                total += in_side**2 * filters + side**2 * filters + side**2 * out_channels
+            else:  # two 3x3
+                total += 2 * side**2 * filters
+            if block == 0:  # projection shortcut
+                total += side**2 * out_channels
+    return total
+
+
+def check_batch_fits(config: SimCLRConfig, options: CloudOptions) -> None:
+    """Rejects a per-stage batch whose activations cannot fit one replica's device memory.
+
+    An out-of-memory error would otherwise surface on the accelerator hours into the run, after
+    Dataflow has ingested and transformed the data. The estimate counts the activations that
+    training keeps for the backward pass (`activation_elements`, two tensors per convolution in
+    the compute dtype) for each image and view on one replica, plus `RESERVED_GIB`. It is an
+    estimate, consistent with the reference's own run (batch 4096 on 32 v3 cores: 128 images x
+    2 views of ResNet-50 per 16 GiB core, 11.8 GiB by this count).
+    """
+    accelerator = options.accelerator
+    if not accelerator.device_memory_gib:
+        return
+    replicas = options.trainer_accelerator_count or accelerator.accelerator_count
+    dtype_bytes = 4 if config.runtime.mixed_precision == "float32" else 2
+    stages = ["pretrain", "finetune"] if config.train_mode == "pretrain" else ["finetune"]
+    if config.distill.distill:
+        stages.append("distill")
+    for stage in stages:
+        depth, width = config.model.resnet_depth, config.model.width_multiplier
+        if stage == "distill":
+            depth = config.distill.distill_resnet_depth or depth
+            width = config.distill.distill_width_multiplier or width
+        views = 2 if stage == "pretrain" else 1
+        image_gib = (
+            activation_elements(depth, width, config.data.image_size)
+            * _KEPT_PER_CONV
+            * dtype_bytes
+            / _GIB
+        )
+        batch = config.stage(stage).train_batch_size
+        per_replica = math.ceil(batch / replicas)
+        need = per_replica * views * image_gib + RESERVED_GIB
+        if need <= accelerator.device_memory_gib:
+            continue
+        fits = int((accelerator.device_memory_gib - RESERVED_GIB) / (views * image_gib))
+        flag = ("" if stage == config.train_mode else f"{stage}_") + "train_batch_size"
+        device = "core" if accelerator.is_tpu else "GPU"
+        raise ConfigError(
+            f"--{flag}: {batch} does not fit {options.trainer_accelerator} "
+            f"({replicas} x {accelerator.device_memory_gib:g} GiB): {per_replica} images x "
+            f"{views} view{'s' if views > 1 else ''} per {device} x {image_gib * 1024:.0f} MiB "
+            f"of ResNet-{depth} (width {width:g}) activations at {config.data.image_size} px "
+            f"in {config.runtime.mixed_precision} + {RESERVED_GIB:g} GiB = {need:.1f} GiB > "
+            f"{accelerator.device_memory_gib:g} GiB; at most {fits * replicas} fits "
+            f"({fits} per {device})"
+        )
 
 
 def cloud_layout(config: SimCLRConfig) -> DataLayout:
@@ -330,8 +463,17 @@ def worker_pool_specs(options: CloudOptions) -> list[dict[str, Any]]:
 
 
 def vertex_training_args(options: CloudOptions) -> dict[str, Any]:
-    """`ai_platform_training_args` of the Vertex Trainer: project plus a CustomJob spec."""
-    job_spec: dict[str, Any] = {"worker_pool_specs": worker_pool_specs(options)}
+    """`ai_platform_training_args` of the Vertex Trainer: project plus a CustomJob spec.
+
+    TFX hands `job_spec` to the CustomJob as it is (snake_case proto field names). With
+    `restart_job_on_worker_restart` a worker that restarts (TPU host maintenance, a crash)
+    restarts the job in place instead of failing it, and run_fn resumes from the checkpoints it
+    keeps under the Trainer's `checkpoint_root`.
+    """
+    job_spec: dict[str, Any] = {
+        "worker_pool_specs": worker_pool_specs(options),
+        "scheduling": {"restart_job_on_worker_restart": True},
+    }
     if options.service_account:
         job_spec["service_account"] = options.service_account
     return {"project": options.project, "job_spec": job_spec}
@@ -361,17 +503,20 @@ def vertex_trainer_factory(options: CloudOptions) -> Callable[..., Any]:
 
 
 def vertex_pusher_factory(options: CloudOptions) -> Callable[..., Any] | None:
-    """A Pusher that deploys blessed models to a Vertex AI endpoint, when one is named."""
+    """A Pusher that deploys blessed models to a Vertex AI endpoint, when one is named, and
+    then undeploys the endpoint's earlier models unless --keep_previous_deployments."""
     if not options.vertex_endpoint:
         return None
     from tfx.extensions.google_cloud_ai_platform import constants
-    from tfx.extensions.google_cloud_ai_platform.pusher import component
+
+    from pipeline import vertex_endpoint
 
     def make(*, model: Any, model_blessing: Any) -> Any:
-        return component.Pusher(
+        return vertex_endpoint.EndpointPusher(
             model=model,
             model_blessing=model_blessing,
             custom_config={
+                vertex_endpoint.UNDEPLOY_PREVIOUS_KEY: not options.keep_previous_deployments,
                 constants.ENABLE_VERTEX_KEY: True,
                 constants.VERTEX_REGION_KEY: options.region,
                 constants.VERTEX_CONTAINER_IMAGE_URI_KEY: options.serving_image,
@@ -404,7 +549,33 @@ def compile_pipeline(pipeline: Any, options: CloudOptions, output_path: str) -> 
         output_filename=os.path.basename(output_path),
     )
     runner.run(pipeline)
+    with open(output_path) as f:
+        job = json.load(f)
+    use_listing_driver(job)
+    with open(output_path, "w") as f:
+        json.dump(job, f, indent=2, sort_keys=True)
     return output_path
+
+
+def use_listing_driver(job: dict[str, Any]) -> int:
+    """Points the class-folder ExampleGen's pre-cache-check step at its own driver.
+
+    The Kubeflow V2 compiler gives every FileBasedExampleGen TFX's driver command, whatever the
+    component's DRIVER_CLASS; that driver stats each input file (pipeline/image_example_gen/
+    driver.py says why that is hours on ImageNet). Returns how many steps were changed.
+    """
+    from pipeline.image_example_gen.driver import VERTEX_DRIVER_COMMAND
+    from pipeline.image_example_gen.executor import ImageFolderExecutor
+
+    executor_path = f"{ImageFolderExecutor.__module__}.{ImageFolderExecutor.__name__}"
+    changed = 0
+    for executor in job["pipelineSpec"]["deploymentSpec"]["executors"].values():
+        container = executor.get("container", {})
+        hook = container.get("lifecycle", {}).get("preCacheCheck")
+        if hook is not None and executor_path in container.get("args", []):
+            hook["command"] = list(VERTEX_DRIVER_COMMAND)
+            changed += 1
+    return changed
 
 
 def submit_pipeline(

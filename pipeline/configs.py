@@ -17,24 +17,29 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
+from models.config import (
+    IMAGENET_LINEAR_EVAL,
+    OPTIMIZERS,
+    PROTOCOLS,
+    RESNET_DEPTHS,
+    STAGES,
+    AugmentConfig,
+    ConfigError,
+    DistillConfig,
+    FinetuneConfig,
+    InputConfig,
+    LabelConfig,
+    ModelConfig,
+    PretrainConfig,
+    RuntimeConfig,
+    StageConfig,
+    TrainerConfig,
+    opt,
+    semi_supervised_epochs,
+)
+
 DATASETS = ("digits", "cifar10", "imagenet2012", "folder")
 TRAIN_MODES = ("pretrain", "finetune")
-STAGES = ("pretrain", "finetune", "distill")
-OPTIMIZERS = ("lars", "momentum", "adam")
-STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
-
-
-def opt(default: Any, help: str, flag: str | None = None, choices: tuple | None = None) -> Any:
-    """A dataclass field carrying its flag name, help text and allowed values."""
-    meta = {"help": help, "flag": flag, "choices": choices}
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-class ConfigError(ValueError):
-    """An invalid option; the message is one line that names the flag."""
 
 
 @dataclass
@@ -73,15 +78,22 @@ class DataConfig:
     max_images_per_class: int = opt(
         0, "Ingest only the first N files of each class folder (sorted by name); 0 = all."
     )
+    drop_empty_class_folders: bool = opt(
+        False, "Leave out class folders without image files (with a warning) instead of stopping."
+    )
     image_size: int = opt(224, "Input image size (the model sees image_size x image_size).")
     stored_image_size: int = opt(
         0,
-        "Side of the square image Transform stores (resize shorter side + center crop). 0: "
-        "image_size for images <= 32 px, else 256 so random crops keep resolution.",
+        "Stored image size: for 'raw', the side of the square Transform stores (shorter side "
+        "resized, then center-cropped); for 'jpeg', the shorter side of the whole image, aspect "
+        "ratio kept, so random crops can reach every part of it. 0: image_size for images <= "
+        "32 px, else 256 so random crops keep resolution.",
     )
     image_format: str = opt(
         "raw",
-        "How Transform stores images: 'raw' (uint8 pixels) or 'jpeg' (re-encoded, for ImageNet).",
+        "How Transform stores images: 'raw' (a fixed-size square of uint8 pixels, for small "
+        "square images such as CIFAR) or 'jpeg' (the whole image re-encoded with its shorter "
+        "side at the stored size, for ImageNet).",
         choices=("raw", "jpeg"),
     )
     cache_dataset: bool = opt(False, "Cache the decoded training set in memory (small datasets).")
@@ -93,118 +105,8 @@ class DataConfig:
         return self.image_size if self.image_size <= 32 else 256
 
 
-@dataclass
-class AugmentConfig:
-    color_jitter_strength: float = opt(1.0, "The strength of color jittering.")
-    color_jitter_impl: str = opt(
-        "v2",
-        "Color jitter variant: 'v2' (multiplicative brightness, SimCLRv2) or 'v1' (additive).",
-        choices=("v1", "v2"),
-    )
-    use_blur: bool = opt(True, "Gaussian blur (p=0.5, sigma per image) during pretraining.")
-
-
-@dataclass
-class ModelConfig:
-    resnet_depth: int = opt(50, "Depth of ResNet.", choices=RESNET_DEPTHS)
-    width_multiplier: float = opt(
-        1.0,
-        "Multiplier of ResNet width. Integers as in SimCLR; fractions (e.g. 0.25) make tiny "
-        "models for laptops and tests.",
-    )
-    sk_ratio: float = opt(0.0, "Selective kernel ratio; > 0 enables SK (SimCLRv2 uses 0.0625).")
-    se_ratio: float = opt(0.0, "Squeeze-excitation ratio; > 0 enables SE.")
-    batch_norm_decay: float = opt(0.9, "Batch norm decay parameter.")
-    global_bn: bool = opt(True, "Aggregate batch-norm statistics across replicas (sync BN).")
-    proj_head_mode: str = opt(
-        "nonlinear", "How the head projection is done.", choices=("none", "linear", "nonlinear")
-    )
-    proj_out_dim: int = opt(128, "Output dimension of the projection head.")
-    num_proj_layers: int = opt(3, "Number of layers of the nonlinear projection head.")
-    ft_proj_selector: int = opt(
-        0,
-        "Which projection-head layer feeds the supervised head: 0 = backbone output, -1 = the "
-        "last layer.",
-    )
-
-
-@dataclass
-class StageConfig:
-    """Optimization settings of one Trainer stage (pretrain or finetune)."""
-
-    train_batch_size: int = opt(512, "Batch size for training.")
-    train_epochs: int = opt(100, "Number of epochs to train for.")
-    train_steps: int = opt(0, "Number of steps to train for; overrides train_epochs when > 0.")
-    learning_rate: float = opt(0.3, "Initial learning rate per batch size of 256.")
-    learning_rate_scaling: str = opt(
-        "linear", "How to scale the learning rate with batch size.", choices=("linear", "sqrt")
-    )
-    warmup_epochs: float = opt(10.0, "Number of epochs of linear warmup.")
-    weight_decay: float = opt(1e-6, "Amount of weight decay to use.")
-    optimizer: str = opt("lars", "Optimizer to use.", choices=OPTIMIZERS)
-    momentum: float = opt(0.9, "Momentum parameter.")
-    eeta: float = opt(0.001, "LARS trust coefficient.")
-    checkpoint_epochs: int = opt(1, "Number of epochs between checkpoints and summaries.")
-    checkpoint_steps: int = opt(
-        0, "Number of steps between checkpoints/summaries; overrides checkpoint_epochs when > 0."
-    )
-
-
-@dataclass
-class PretrainConfig(StageConfig):
-    temperature: float = opt(0.1, "Temperature parameter for contrastive loss.")
-    hidden_norm: bool = opt(True, "L2-normalize projections before the contrastive loss.")
-    lineareval_while_pretraining: bool = opt(
-        True, "Train a linear classifier on stop-gradient features while pretraining."
-    )
-    knn_every_epochs: int = opt(
-        0, "Every N epochs, weighted kNN top-1 of backbone features on the eval split; 0 = off."
-    )
-
-
-@dataclass
-class FinetuneConfig(StageConfig):
-    fine_tune_after_block: int = opt(
-        -1,
-        "Fine-tune layers after this block: -1 = everything, 0 = after the stem, 4 = only the "
-        "linear head. Frozen blocks keep batch norm in inference mode.",
-    )
-    zero_init_logits_layer: bool = opt(
-        False, "Zero-initialize the supervised head when fine-tuning."
-    )
-    label_fraction: float = opt(
-        1.0, "Fraction of labeled train examples used for fine-tuning (stratified, seeded)."
-    )
-    label_fraction_seed: int = opt(0, "Seed of the stratified label-fraction selection.")
-    label_subset: str = opt(
-        "",
-        "File listing the labeled training images, one file name a line (e.g. the SimCLR/TFDS "
-        "ImageNet 1% or 10% list); fine-tuning uses only examples whose key's base name is "
-        "listed. Replaces --label_fraction.",
-    )
-    checkpoint: str = opt(
-        "",
-        "A SavedModel in the released SimCLR TF2 format (e.g. gs://simclr-checkpoints-tf2/"
-        "simclrv2/pretrained/r50_1x_sk0/saved_model/) imported as the base model for "
-        "--train_mode=finetune, instead of pretraining.",
-    )
-
-
-@dataclass
-class DistillConfig(StageConfig):
-    """SimCLRv2's third step: distill the fine-tuned teacher into a student on unlabeled images."""
-
-    distill: bool = opt(False, "Add a distillation Trainer; the student is evaluated and pushed.")
-    distill_temperature: float = opt(1.0, "Distillation temperature T in T^2 * CE(t/T, s/T).")
-    distill_label_weight: float = opt(
-        0.0, "Weight of the cross-entropy on labels (of the label_fraction subset) added to it."
-    )
-    distill_resnet_depth: int = opt(0, "Student ResNet depth; 0 = the teacher's.")
-    distill_width_multiplier: float = opt(0.0, "Student width multiplier; 0 = the teacher's.")
-
-
-# The reference's fine-tuning recipe (SimCLR README), for the stage that follows pretraining.
-FINETUNE_DEFAULTS = {
+# The distillation stage starts from the reference's fine-tuning optimizer settings.
+DISTILL_DEFAULTS = {
     "learning_rate": 0.1,
     "learning_rate_scaling": "linear",
     "warmup_epochs": 0.0,
@@ -212,34 +114,24 @@ FINETUNE_DEFAULTS = {
     "optimizer": "momentum",
     "train_epochs": 100,
 }
+# With no explicit --min_top1 the gate requires twice the chance rate 1/K of K classes, and at
+# most 25 points above chance (so two classes need 0.75, ten 0.2, a thousand 0.002).
+CHANCE_FLOOR_MAX_MARGIN = 0.25
 
 
-@dataclass
-class RuntimeConfig:
-    """How the Trainer runs: devices, precision, logging, checkpoints."""
-
-    strategy: str = opt(
-        "auto",
-        "tf.distribute strategy: auto (mirrored on >1 GPU, else default), default, mirrored, "
-        "multi_worker (TF_CONFIG), tpu.",
-        choices=STRATEGIES,
-    )
-    tpu_name: str = opt("", "TPU name or grpc:// address for --strategy=tpu.")
-    mixed_precision: str = opt(
-        "float32",
-        "Compute dtype: float32, bfloat16 (TPU, GPU, AMX CPUs) or float16 (GPU, loss scaling).",
-        choices=("float32", "bfloat16", "float16"),
-    )
-    jit_compile: bool = opt(False, "Compile the train step with XLA.")
-    eval_batch_size: int = opt(256, "Batch size for in-Trainer evaluation.")
-    keep_checkpoint_max: int = opt(5, "Maximum number of checkpoints to keep.")
-    log_every_steps: int = opt(10, "Print a progress line every N steps.")
-    seed: int = opt(0, "Random seed for weight initialization and input shuffling.")
+def chance_floor(num_classes: int) -> float:
+    """The default top-1 floor: clearly better than guessing among `num_classes` classes."""
+    chance = 1.0 / max(1, num_classes)
+    return min(2 * chance, chance + CHANCE_FLOOR_MAX_MARGIN)
 
 
 @dataclass
 class EvalConfig:
-    min_top1: float = opt(0.0, "Evaluator gate: absolute floor on top-1 accuracy.")
+    min_top1: float = opt(
+        -1.0,
+        "Evaluator gate: absolute floor on top-1 accuracy. -1: derived from the number of "
+        "classes K, twice the chance rate 1/K and at most 1/K + 0.25 (10 classes: 0.2).",
+    )
     min_top5: float = opt(0.0, "Evaluator gate: absolute floor on top-5 accuracy (0 = off).")
     max_top1_regression: float = opt(
         0.02,
@@ -281,8 +173,8 @@ class SimCLRConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(**FINETUNE_DEFAULTS))
-    distill: DistillConfig = field(default_factory=lambda: DistillConfig(**FINETUNE_DEFAULTS))
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    distill: DistillConfig = field(default_factory=lambda: DistillConfig(**DISTILL_DEFAULTS))
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
@@ -333,6 +225,9 @@ def _dataclass_type(cls: type, name: str) -> type | None:
 
 # ----- dataset presets -----
 
+# Class counts of the named datasets, for the default top-1 floor when the data cannot tell.
+DATASET_CLASSES = {"digits": 10, "cifar10": 10, "imagenet2012": 1000}
+
 DATASET_PRESETS: dict[str, dict[str, Any]] = {
     # Small enough to pretrain + fine-tune + evaluate in a few minutes on 2 CPU cores.
     "digits": {
@@ -351,11 +246,9 @@ DATASET_PRESETS: dict[str, dict[str, Any]] = {
         "pretrain.warmup_epochs": 1.0,
         "finetune.train_batch_size": 128,
         "finetune.train_epochs": 20,
-        "finetune.learning_rate": 0.1,
         "distill.train_batch_size": 128,
         "distill.train_epochs": 20,
         "runtime.eval_batch_size": 256,
-        "eval.min_top1": 0.3,
     },
     # The reference's CIFAR-10 recipe (SimCLR README).
     "cifar10": {
@@ -369,7 +262,6 @@ DATASET_PRESETS: dict[str, dict[str, Any]] = {
         "pretrain.learning_rate": 1.0,
         "pretrain.weight_decay": 1e-4,
         "pretrain.temperature": 0.5,
-        "eval.min_top1": 0.2,
     },
     "imagenet2012": {
         "data.image_size": 224,
@@ -435,12 +327,7 @@ def build_config(overrides: dict[str, Any]) -> SimCLRConfig:
     dataset = overrides.get("dataset", config.data.dataset)
     if dataset not in DATASETS:
         raise ConfigError(f"--dataset must be one of {DATASETS}, got {dataset!r}")
-    if train_mode == "finetune":
-        # Supervised-only training: the reference flags configure the finetune stage, which
-        # then starts from the stage defaults rather than the post-pretraining recipe.
-        config.finetune = FinetuneConfig()
-    for path, value in DATASET_PRESETS[dataset].items():
-        set_path(config, path, value)
+    given: dict[str, Any] = {}
     for flag, value in overrides.items():
         path, _ = by_flag[flag]
         if path.startswith("<stage>."):
@@ -449,14 +336,100 @@ def build_config(overrides: dict[str, Any]) -> SimCLRConfig:
             if not hasattr(config.stage(target), name):
                 raise ConfigError(f"--{flag} applies only with --train_mode=pretrain")
             path = f"{target}.{name}"
-        elif flag.startswith("finetune_") and train_mode == "finetune":
+        elif (
+            flag.startswith("finetune_")
+            and flag != "finetune_protocol"
+            and train_mode == "finetune"
+        ):
             raise ConfigError(
                 f"--{flag} applies only with --train_mode=pretrain; use "
                 f"--{flag.removeprefix('finetune_')} with --train_mode=finetune"
             )
+        given[path] = value
+    for path, value in DATASET_PRESETS[dataset].items():
         set_path(config, path, value)
+    for path, value in given.items():
+        set_path(config, path, value)
+    for path, value in protocol_recipe(config).items():
+        if path not in given:
+            set_path(config, path, value)
+    config.finetune.finetune_protocol = resolved_protocol(config)
     validate(config)
     return config
+
+
+def resolved_protocol(config: SimCLRConfig) -> str:
+    """The finetune stage's protocol: 'auto' resolved as the SimCLR paper reports results."""
+    f = config.finetune
+    if config.train_mode == "finetune" and not f.checkpoint:
+        return "supervised"
+    if f.finetune_protocol != "auto":
+        return f.finetune_protocol
+    return "fine_tune" if f.label_subset or f.label_fraction < 1.0 else "linear_eval"
+
+
+def protocol_recipe(config: SimCLRConfig) -> dict[str, Any]:
+    """Dotted config paths → the values the finetune stage's protocol prescribes.
+
+    Applied over the dataset presets and under the user's explicit flags. Semi-supervised
+    fine-tuning counts epochs over the labeled subset, as the reference does.
+    """
+    protocol = resolved_protocol(config)
+    if protocol == "supervised":
+        return {}
+    recipe: dict[str, Any] = {}
+    for name, value in PROTOCOLS[protocol].items():
+        section = "model" if name == "ft_proj_selector" else "finetune"
+        recipe[f"{section}.{name}"] = value
+    if config.model.proj_head_mode == "none":
+        recipe["model.ft_proj_selector"] = 0
+    if protocol == "linear_eval" and config.data.dataset == "imagenet2012":
+        recipe.update({f"finetune.{k}": v for k, v in IMAGENET_LINEAR_EVAL.items()})
+    elif "finetune.train_epochs" in DATASET_PRESETS[config.data.dataset]:
+        # A preset's epoch budget (a laptop demo) stands; the rest of the recipe applies.
+        recipe.pop("finetune.train_epochs")
+    f = config.finetune
+    if protocol == "fine_tune" and (f.label_subset or f.label_fraction < 1.0):
+        fraction = f.label_fraction if not f.label_subset else _subset_fraction(f.label_subset)
+        recipe["finetune.train_epochs"] = semi_supervised_epochs(fraction)
+    return recipe
+
+
+def _subset_fraction(label_subset: str) -> float:
+    """The fraction a named subset stands for, read from its name (ImageNet's 1%/10% lists)."""
+    name = os.path.basename(label_subset)
+    return 0.01 if "1percent" in name or "1pct" in name else 0.1
+
+
+def trainer_config(config: SimCLRConfig, stage: str) -> TrainerConfig:
+    """The sections one Trainer stage reads, and nothing else: TFX caches the component on it,
+    so a gate, report or runner option never re-runs training."""
+    d = config.data
+    model, labels, augment = config.model, None, AugmentConfig()
+    if stage == "pretrain":
+        # The online probe reads backbone features; ft_proj_selector is the later stages'.
+        model = dataclasses.replace(model, ft_proj_selector=0)
+        augment = config.augment
+    else:
+        f = config.finetune
+        labels = LabelConfig(f.label_fraction, f.label_fraction_seed, f.label_subset)
+    if stage == "distill":
+        dist = config.distill
+        model = dataclasses.replace(
+            model,
+            resnet_depth=dist.distill_resnet_depth or model.resnet_depth,
+            width_multiplier=dist.distill_width_multiplier or model.width_multiplier,
+            ft_proj_selector=0,
+        )
+    return TrainerConfig(
+        stage=stage,
+        input=InputConfig(d.image_size, d.stored_size, d.image_format, d.cache_dataset),
+        augment=dataclasses.replace(augment),
+        model=dataclasses.replace(model),
+        train=dataclasses.replace(config.stage(stage)),
+        runtime=dataclasses.replace(config.runtime),
+        labels=labels,
+    )
 
 
 def validate(config: SimCLRConfig, num_replicas: int = 1) -> None:
@@ -507,8 +480,20 @@ def validate(config: SimCLRConfig, num_replicas: int = 1) -> None:
         "ft_proj_selector",
         f"must be in [-1, num_proj_layers={m.num_proj_layers}]",
     )
+    need(
+        m.proj_head_mode != "none" or m.ft_proj_selector == 0,
+        "ft_proj_selector",
+        f"{m.ft_proj_selector} selects a projection layer, but --proj_head_mode=none has none",
+    )
+    need(
+        m.proj_head_mode != "linear" or m.ft_proj_selector in (-1, 0, 1),
+        "ft_proj_selector",
+        "--proj_head_mode=linear has one projection layer: use -1, 0 or 1",
+    )
     need(config.augment.color_jitter_strength >= 0, "color_jitter_strength", "must be >= 0")
     stages = ["pretrain", "finetune"] if config.train_mode == "pretrain" else ["finetune"]
+    if config.distill.distill:
+        stages.append("distill")
     for name in stages:
         s = config.stage(name)
         prefix = "" if name == config.train_mode else f"{name}_"
@@ -537,8 +522,6 @@ def validate(config: SimCLRConfig, num_replicas: int = 1) -> None:
             prefix + "checkpoint_epochs",
             "checkpoint_epochs or checkpoint_steps must be positive",
         )
-    if config.distill.distill:
-        stages.append("distill")
     need(config.pretrain.temperature > 0, "temperature", "must be positive")
     need(config.pretrain.knn_every_epochs >= 0, "knn_every_epochs", "must be >= 0")
     f = config.finetune
@@ -556,6 +539,12 @@ def validate(config: SimCLRConfig, num_replicas: int = 1) -> None:
         "checkpoint",
         "a released model replaces pretraining: use it with --train_mode=finetune",
     )
+    need(
+        not f.checkpoint or not 0 <= f.fine_tune_after_block <= 3,
+        "fine_tune_after_block",
+        "an imported --checkpoint backbone trains whole (-1) or stays frozen (4); "
+        f"{f.fine_tune_after_block} is not supported",
+    )
     dist = config.distill
     need(dist.distill_temperature > 0, "distill_temperature", "must be positive")
     need(dist.distill_label_weight >= 0, "distill_label_weight", "must be >= 0")
@@ -572,7 +561,7 @@ def validate(config: SimCLRConfig, num_replicas: int = 1) -> None:
     if r.strategy == "tpu":
         need(bool(r.tpu_name) or "TPU_NAME" in os.environ, "tpu_name", "required for TPUs")
     e = config.eval
-    need(0 <= e.min_top1 <= 1.01, "min_top1", "must be in [0, 1.01]")
+    need(e.min_top1 == -1 or 0 <= e.min_top1 <= 1.01, "min_top1", "must be -1 or in [0, 1.01]")
     need(0 <= e.min_top5 <= 1.01, "min_top5", "must be in [0, 1.01]")
     need(0 <= e.max_top1_regression <= 1, "max_top1_regression", "must be in [0, 1]")
 
@@ -588,6 +577,7 @@ USED_BY: dict[str, str] = {
     "data.labels_file": "pipeline/image_example_gen/executor.py",
     "data.max_bad_fraction": "pipeline/image_example_gen/executor.py",
     "data.max_images_per_class": "pipeline/image_example_gen/executor.py",
+    "data.drop_empty_class_folders": "pipeline/image_example_gen/executor.py",
     "data.image_size": "models/augment.py, models/model.py",
     "data.stored_image_size": "transform/preprocessing.py",
     "data.image_format": "transform/preprocessing.py",
@@ -604,7 +594,7 @@ USED_BY: dict[str, str] = {
     "model.ft_proj_selector": "models/model.py",
     "<stage>.temperature": "models/loss.py",
     "<stage>.hidden_norm": "models/loss.py",
-    "<stage>.lineareval_while_pretraining": "models/train_loop.py",
+    "<stage>.lineareval_while_pretraining": "models/tasks/pretrain.py",
     "<stage>.knn_every_epochs": "models/knn.py",
     "<stage>.optimizer": "models/optimizers.py",
     "<stage>.momentum": "models/optimizers.py",
@@ -612,19 +602,20 @@ USED_BY: dict[str, str] = {
     "<stage>.weight_decay": "models/optimizers.py, models/lars.py",
     "<stage>.learning_rate": "models/schedule.py",
     "<stage>.warmup_epochs": "models/schedule.py",
-    "<stage>.train_": "models/schedule.py, models/trainer.py",
+    "<stage>.train_": "models/schedule.py, models/tasks/base.py",
     "<stage>.checkpoint_": "models/train_loop.py",
     "finetune.fine_tune_after_block": "models/resnet.py",
     "finetune.zero_init_logits_layer": "models/heads.py",
-    "finetune.label_": "models/data.py",
-    "finetune.checkpoint": "pipeline/pipeline.py (Importer), models/model.py",
-    "finetune.": "models/trainer.py",
-    "distill.distill": "pipeline/pipeline.py, models/train_loop.py, models/trainer.py",
-    "distill.": "models/trainer.py",
+    "finetune.label_": "models/data.py, models/tasks/base.py",
+    "finetune.finetune_protocol": "pipeline/configs.py (recipes in models/config.py)",
+    "finetune.checkpoint": "pipeline/pipeline.py (Importer), models/tasks/finetune.py",
+    "finetune.": "models/tasks/finetune.py",
+    "distill.distill": "pipeline/pipeline.py",
+    "distill.": "models/tasks/distill.py, models/loss.py",
     "runtime.strategy": "models/strategy.py",
     "runtime.tpu_name": "models/strategy.py",
     "runtime.mixed_precision": "models/strategy.py",
-    "runtime.": "models/train_loop.py, models/trainer.py",
+    "runtime.": "models/train_loop.py, models/driver.py",
     "eval.": "pipeline/pipeline.py (TFMA EvalConfig)",
     "runner.": "local_runner.py",
 }

@@ -19,9 +19,9 @@ from tfx import v1 as tfx
 from tfx.components import ImportExampleGen
 from tfx.dsl.components.base.base_component import BaseComponent
 
-from pipeline.configs import SimCLRConfig
+from pipeline.configs import DATASET_CLASSES, SimCLRConfig, chance_floor, trainer_config
 from pipeline.image_example_gen.component import make_image_example_gen
-from pipeline.image_example_gen.executor import discover_splits
+from pipeline.image_example_gen.executor import check_class_folders, discover_splits
 
 TRAINER_RUN_FN = "models.trainer.run_fn"
 PREPROCESSING_FN = "transform.preprocessing.preprocessing_fn"
@@ -39,6 +39,8 @@ class DataLayout:
     splits: tuple[str, ...]
     train_split: str
     eval_split: str
+    # Classes in the data, when the layout tells without reading examples (None: unknown).
+    num_classes: int | None = None
 
 
 def tfrecord_splits(data_dir: str) -> list[str]:
@@ -47,14 +49,22 @@ def tfrecord_splits(data_dir: str) -> list[str]:
     return sorted({m["split"] for n in names if (m := _TFDS_FILE.search(n))})
 
 
-def inspect_data(data_dir: str, data_format: str, train_split: str, eval_split: str) -> DataLayout:
-    """Finds the format and splits; one-line ValueError naming the flag when they don't fit."""
+def inspect_data(
+    data_dir: str,
+    data_format: str,
+    train_split: str,
+    eval_split: str,
+    drop_empty_class_folders: bool = False,
+) -> DataLayout:
+    """Finds the format, splits and classes; a one-line ValueError naming the problem when they
+    don't fit (a missing split, a class folder without images), before any component runs."""
     if data_format in ("auto", "tfrecord"):
         splits = tfrecord_splits(data_dir)
         if splits:
             data_format = "tfrecord"
         elif data_format == "tfrecord":
             raise ValueError(f"--data_dir: no TFDS-style *-<split>.tfrecord* files in {data_dir}")
+    num_classes = None
     if data_format in ("auto", "folders"):
         data_format = "folders"
         splits = discover_splits(data_dir)
@@ -63,14 +73,43 @@ def inspect_data(data_dir: str, data_format: str, train_split: str, eval_split: 
     for flag, split in (("train_split", train_split), ("eval_split", eval_split)):
         if split not in splits:
             raise ValueError(f"--{flag}: split {split!r} not found in {data_dir} (found {splits})")
-    return DataLayout(data_dir, data_format, tuple(splits), train_split, eval_split)
+    if data_format == "folders":
+        classes = check_class_folders(data_dir, splits, drop_empty=drop_empty_class_folders)
+        num_classes = len(classes[train_split])
+    else:
+        num_classes = tfds_num_classes(data_dir)
+    return DataLayout(data_dir, data_format, tuple(splits), train_split, eval_split, num_classes)
 
 
-def eval_config(config: SimCLRConfig) -> tfma.EvalConfig:
+def tfds_num_classes(data_dir: str) -> int | None:
+    """Number of classes from a TFDS-prepared folder's label list (`label.labels.txt`)."""
+    for path in sorted(tf.io.gfile.glob(os.path.join(data_dir, "*labels.txt"))):
+        with tf.io.gfile.GFile(path) as f:
+            return sum(1 for line in f if line.strip())
+    return None
+
+
+def min_top1(config: SimCLRConfig, num_classes: int | None) -> float:
+    """The top-1 floor the Evaluator applies: --min_top1, or clearly above chance (-1)."""
+    if config.eval.min_top1 >= 0:
+        return config.eval.min_top1
+    if config.data.labels_file:
+        with tf.io.gfile.GFile(config.data.labels_file) as f:
+            num_classes = sum(1 for line in f if line.strip())
+    num_classes = num_classes or DATASET_CLASSES.get(config.data.dataset)
+    if not num_classes:
+        raise ValueError(
+            "--min_top1: the number of classes is unknown for this data (no label list); "
+            "give the top-1 floor explicitly"
+        )
+    return chance_floor(num_classes)
+
+
+def eval_config(config: SimCLRConfig, top1_floor: float) -> tfma.EvalConfig:
     """TFMA on raw examples through `serving_default`: top-1/top-5, counts, slices, gates."""
     gates = config.eval
     top1_threshold = tfma.MetricThreshold(
-        value_threshold=tfma.GenericValueThreshold(lower_bound={"value": gates.min_top1}),
+        value_threshold=tfma.GenericValueThreshold(lower_bound={"value": top1_floor}),
         change_threshold=tfma.GenericChangeThreshold(
             direction=tfma.MetricDirection.HIGHER_IS_BETTER,
             absolute={"value": -gates.max_top1_regression},
@@ -140,6 +179,7 @@ def create_pipeline(
             labels_file=d.labels_file or None,
             max_bad_fraction=d.max_bad_fraction,
             max_images_per_class=d.max_images_per_class or None,
+            drop_empty_class_folders=d.drop_empty_class_folders,
         )
     else:
         example_gen = ImportExampleGen(
@@ -181,7 +221,12 @@ def create_pipeline(
             base_model=base_model,
             train_args=tfx.proto.TrainArgs(splits=[layout.train_split]),
             eval_args=tfx.proto.EvalArgs(splits=[layout.eval_split]),
-            custom_config={"stage": stage, "config": config.to_json()},
+            # Only what the stage reads (its cache key), and where its checkpoints outlive a
+            # killed execution so that a rerun resumes.
+            custom_config={
+                "trainer": trainer_config(config, stage).to_json(),
+                "checkpoint_root": os.path.join(pipeline_root, "checkpoints"),
+            },
         ).with_id(f"{stage}_trainer")
 
     components = [example_gen, statistics_gen, schema_gen, example_validator, transform]
@@ -212,7 +257,7 @@ def create_pipeline(
         examples=example_gen.outputs["examples"],
         model=candidate.outputs["model"],
         baseline_model=model_resolver.outputs["model"],
-        eval_config=eval_config(config),
+        eval_config=eval_config(config, min_top1(config, layout.num_classes)),
         example_splits=[layout.eval_split],
     )
     pusher = tfx.components.Pusher(

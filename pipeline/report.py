@@ -496,6 +496,7 @@ def _header(summary: summary_lib.RunSummary) -> list[str]:
         _card("top-1 accuracy", _fmt(summary.top1)),
         _card("top-5 accuracy", _fmt(summary.top5)),
         _card("eval examples", "n/a" if count is None else f"{count:.0f}"),
+        _card("protocol", summary.protocol or "n/a"),
         _card("blessing", verdict, cls),
         _card("pushed", "yes" if summary.pushed else "no"),
     ]
@@ -550,7 +551,12 @@ def _blessing(
     if config is not None:
         gates = config.eval
         rows = [
-            ["--min_top1", gates.min_top1],
+            [
+                "--min_top1",
+                gates.min_top1
+                if gates.min_top1 >= 0
+                else "-1: twice chance, capped at chance + 0.25 (applied value above)",
+            ],
             ["--min_top5", f"{gates.min_top5} (0 = off)"],
             ["--max_top1_regression", f"{gates.max_top1_regression} (needs a blessed baseline)"],
         ]

@@ -41,6 +41,10 @@ class RunSummary:
     per_label_top1: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     ingestion: dict[str, dict] = field(default_factory=dict)
+    # Components this run took from the cache instead of executing.
+    cached: list[str] = field(default_factory=list)
+    # The protocol behind the evaluated model's accuracy (linear_eval, fine_tune, ...).
+    protocol: str | None = None
 
     def lines(self) -> list[str]:
         out = [f"run {self.run_id}: {len(self.components)} components executed"]
@@ -49,15 +53,18 @@ class RunSummary:
                 "seconds per component: "
                 + ", ".join(f"{name} {secs:.0f}" for name, secs in self.seconds.items())
             )
+        if self.cached:
+            out.append("taken from the cache: " + ", ".join(self.cached))
         for split, stats in sorted(self.ingestion.items()):
             out.append(
                 f"ingested split '{split}': {stats.get('written', 0)} images, "
                 f"{stats.get('skipped', 0)} skipped"
             )
         if self.top1 is not None:
+            protocol = f" (protocol: {self.protocol})" if self.protocol else ""
             out.append(
                 f"top-1 accuracy {self.top1:.4f}, top-5 accuracy {self.top5:.4f} "
-                f"on {int(self.example_count or 0)} eval examples"
+                f"on {int(self.example_count or 0)} eval examples{protocol}"
             )
         if self.baseline_top1 is not None:
             out.append(f"baseline (last blessed model) top-1 {self.baseline_top1:.4f}")
@@ -82,12 +89,27 @@ def _store(metadata_path: str) -> mlmd.MetadataStore:
     return mlmd.MetadataStore(config)
 
 
-def _prop(artifact: metadata_store_pb2.Artifact, name: str):
+def _prop(artifact: metadata_store_pb2.Artifact | metadata_store_pb2.Execution, name: str):
     for props in (artifact.custom_properties, artifact.properties):
         if name in props:
             value = props[name]
             return value.string_value or value.int_value or value.double_value
     return None
+
+
+def _protocol(execution: metadata_store_pb2.Execution) -> str | None:
+    """The evaluation protocol of a Trainer execution, from its custom_config property."""
+    text = _prop(execution, "custom_config")
+    if not text:
+        return None
+    parsed = json.loads(text)
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("trainer"), str):
+        return None
+    trainer = json.loads(parsed["trainer"])
+    stage = trainer.get("stage")
+    if stage == "finetune":
+        return trainer.get("train", {}).get("finetune_protocol")
+    return "distillation" if stage == "distill" else None
 
 
 def latest_run(metadata_path: str) -> RunSummary:
@@ -109,6 +131,11 @@ def latest_run(metadata_path: str) -> RunSummary:
         if e.id in node_of:
             elapsed = (e.last_update_time_since_epoch - e.create_time_since_epoch) / 1000
             summary.seconds[node_of[e.id]] = elapsed
+            if e.last_known_state == metadata_store_pb2.Execution.CACHED:
+                summary.cached.append(node_of[e.id])
+            protocol = _protocol(e)
+            if protocol:
+                summary.protocol = protocol  # the last Trainer's: the evaluated candidate
     artifact_types = {t.id: t.name for t in store.get_artifact_types()}
     events = store.get_events_by_execution_ids(list(run_execution_ids))
     outputs = [

@@ -18,3 +18,11 @@ def cifar_dir() -> pathlib.Path:
     if not CIFAR_DIR.is_dir():
         pytest.skip(f"CIFAR-10 class folders not found at {CIFAR_DIR}")
     return CIFAR_DIR
+
+
+@pytest.fixture(scope="session")
+def pipeline_scenario(cifar_dir, tmp_path_factory):
+    """Runs A (killed mid-pretraining) and B (resumed) of tests/pipeline_runs.py, once."""
+    from tests import pipeline_runs
+
+    return pipeline_runs.build_scenario(cifar_dir, tmp_path_factory.mktemp("scenario"))

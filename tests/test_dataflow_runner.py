@@ -1,5 +1,6 @@
 """dataflow_runner.py offline: the compiled Vertex AI Pipelines JSON, one-line errors for missing
-flags and missing credentials, the TPU train step under XLA, and the local ImageNet rehearsal.
+or bad flags and missing credentials, the TPU train step under XLA, and the local ImageNet
+rehearsal.
 
 Nothing here needs Google Cloud credentials or network access.
 """
@@ -25,7 +26,8 @@ CLOUD_ARGS = [
     "--data_format=folders",
     "--eval_split=val",
     "--label_subset=gs://my-bucket/imagenet_subsets/1percent.txt",
-    "--train_batch_size=4096",
+    # The largest power of two whose activations fit a v3-8 (docs/cloud.md, section 5).
+    "--train_batch_size=1024",
     "--train_epochs=100",
     "--min_top1=0.6",
     "--max_top1_regression=0.01",
@@ -143,19 +145,56 @@ def test_trainers_run_on_a_vertex_tpu_worker_pool(compiled):
         }
         assert pool["container_spec"]["image_uri"] == f"{REGISTRY}/simclr-tfx-tpu:latest"
         # run_fn's own keys travel next to the Vertex ones.
-        assert custom["stage"] == name.split("_")[0]
-        config = json.loads(custom["config"])
-        assert config["runtime"]["strategy"] == "tpu"
-        assert config["runtime"]["tpu_name"] == "local"
-        assert config["runtime"]["mixed_precision"] == "bfloat16"
-        assert config["pretrain"]["train_batch_size"] == 4096
-        assert config["data"]["image_format"] == "jpeg" and config["data"]["image_size"] == 224
-        assert config["finetune"]["label_subset"].endswith("1percent.txt")
+        stage = name.split("_")[0]
+        trainer = json.loads(custom["trainer"])
+        assert trainer["stage"] == stage
+        assert trainer["runtime"]["strategy"] == "tpu"
+        assert trainer["runtime"]["tpu_name"] == "local"
+        assert trainer["runtime"]["mixed_precision"] == "bfloat16"
+        assert trainer["input"]["image_format"] == "jpeg" and trainer["input"]["image_size"] == 224
+        if stage == "pretrain":
+            assert trainer["train"]["train_batch_size"] == 1024
+        else:
+            assert trainer["labels"]["label_subset"].endswith("1percent.txt")
         executor = executors[f"{name}_executor"]["container"]
         assert (
             "tfx.extensions.google_cloud_ai_platform.trainer.executor.GenericExecutor"
             in executor["args"]
         )
+
+
+def test_trainer_jobs_restart_in_place_and_checkpoint_under_the_pipeline_root(compiled):
+    """A worker restart (TPU maintenance, a crash) restarts the job, which resumes from the
+    checkpoints run_fn keeps under checkpoint_root; that must be on GCS, inside the pipeline
+    root, so a retried execution finds them."""
+    from google.cloud.aiplatform_v1.types import custom_job
+    from tfx.extensions.google_cloud_ai_platform import training_clients
+
+    tasks = compiled["pipelineSpec"]["root"]["dag"]["tasks"]
+    root = compiled["runtimeConfig"]["gcsOutputDirectory"]
+    assert root == "gs://my-bucket/pipeline_root/simclr"
+    for name in TRAINERS:
+        custom = _param(tasks[name], "custom_config")
+        training = dict(custom["ai_platform_training_args"])
+        assert training["job_spec"]["scheduling"] == {"restart_job_on_worker_restart": True}
+        # What TFX's Vertex client sends: the CustomJob proto built from this job_spec.
+        training.pop("project")
+        client = training_clients.VertexJobClient.__new__(training_clients.VertexJobClient)
+        job = client.create_training_job({}, {}, {}, "x.Executor", training, None, None)
+        assert custom_job.CustomJob(**job).job_spec.scheduling.restart_job_on_worker_restart
+        assert "checkpoint_root" in custom, f"{name}: no checkpoint_root in custom_config"
+        assert custom["checkpoint_root"].startswith(root + "/"), custom["checkpoint_root"]
+
+
+def test_example_gen_checks_the_cache_with_the_listing_driver(compiled):
+    from pipeline.image_example_gen.driver import VERTEX_DRIVER_COMMAND
+
+    container = compiled["pipelineSpec"]["deploymentSpec"]["executors"][
+        "FileBasedExampleGen_executor"
+    ]["container"]
+    hook = container["lifecycle"]["preCacheCheck"]
+    assert hook["command"] == list(VERTEX_DRIVER_COMMAND)
+    assert hook["args"][:2] == ["--json_serialized_invocation_args", "{{$}}"]
 
 
 def test_evaluator_gates_and_pushers(compiled):
@@ -170,6 +209,12 @@ def test_evaluator_gates_and_pushers(compiled):
     push = _param(tasks["Pusher"], "push_destination")
     assert push["filesystem"]["base_directory"] == "gs://my-bucket/serving_model/simclr"
     endpoint = _param(tasks["vertex_endpoint_pusher"], "custom_config")
+    assert endpoint["undeploy_previous"] is True
+    executors = compiled["pipelineSpec"]["deploymentSpec"]["executors"]
+    assert (
+        "pipeline.vertex_endpoint.Executor"
+        in executors["vertex_endpoint_pusher_executor"]["container"]["args"]
+    )
     assert endpoint["ai_platform_serving_args"]["endpoint_name"] == "simclr-r50"
     assert endpoint["ai_platform_serving_args"]["project_id"] == "my-proj"
     assert endpoint["ai_platform_vertex_region"] == "europe-west4"
@@ -195,6 +240,28 @@ def test_local_data_dir_is_rejected_in_one_line(tmp_path):
     ]
 
 
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        (
+            "--pipeline_name=SimCLR_ImageNet",
+            "error: --pipeline_name: Vertex AI Pipelines needs lowercase letters, digits and "
+            "'-', starting with a letter or digit, at most 128 characters; got 'SimCLR_ImageNet'",
+        ),
+        # docs/cloud.md: batch 4096 needs more than one v3-8 host.
+        ("--train_batch_size=4096", "error: --train_batch_size: 4096 does not fit tpu_v3 (8 x "),
+    ],
+)
+def test_bad_name_or_batch_is_one_line_before_anything_is_built(change, error, tmp_path):
+    flag = change.split("=")[0]
+    args = [a for a in CLOUD_ARGS if not a.startswith(flag + "=")] + [change]
+    result = run_runner(args + ["--pipeline_json=out.json"], tmp_path)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(error)
+    assert not (tmp_path / "out.json").exists()
+
+
 def test_submit_without_credentials_fails_in_one_line(tmp_path):
     pytest.importorskip(
         "kfp.pipeline_spec", reason="compiling for Vertex AI needs kfp-pipeline-spec"
@@ -210,10 +277,11 @@ def test_submit_without_credentials_fails_in_one_line(tmp_path):
 
 
 def _xla_step(resnet_depth: int, width: float, stage: str):
-    from models import train_loop
     from models.model import SimCLRModel
     from models.optimizers import build_optimizer
     from models.strategy import set_precision
+    from models.tasks import finetune, pretrain
+    from models.tasks.base import make_metrics
     from pipeline import configs
 
     config = configs.build_config(
@@ -226,31 +294,25 @@ def _xla_step(resnet_depth: int, width: float, stage: str):
         }
     )
     set_precision(config.runtime.mixed_precision)
-    size = config.data.image_size
-    model = SimCLRModel(config.model, 1000, size, pretraining=stage == "pretrain")
+    trainer = configs.trainer_config(config, stage)
+    size = trainer.input.image_size
+    model = SimCLRModel(trainer.model, 1000, size, pretraining=stage == "pretrain")
     model.build_for()
     optimizer = build_optimizer("lars", 0.1, 0.9, 1e-6)
-    metrics = train_loop.make_metrics(stage)
     images = tf.random.uniform([2, size, size, 3], seed=1)
     labels = tf.constant([3, 7], tf.int64)
     if stage == "pretrain":
-        step = train_loop.pretrain_step(
-            model,
-            optimizer,
-            metrics,
-            temperature=0.1,
-            hidden_norm=True,
-            lineareval=True,
-            weight_decay=1e-6,
-            optimizer_name="lars",
-        )
+        metrics = pretrain.pretrain_metrics()
+        step = pretrain.contrastive_step(model, optimizer, metrics, trainer.train)
         args = (images, tf.image.flip_left_right(images), labels)
     else:
-        step = train_loop.finetune_step(
-            model, optimizer, metrics, weight_decay=1e-6, optimizer_name="lars"
-        )
+        metrics = make_metrics(finetune.METRIC_NAMES)
+        # The step reads only the task's weight decay; no input files are needed for that.
+        task = finetune.FinetuneTask.__new__(finetune.FinetuneTask)
+        task.config = trainer
+        step = finetune.supervised_step(model, optimizer, metrics, task)
         args = (images, labels)
-    # As train_loop.run does with --jit_compile; XLA rejects any op it cannot compile.
+    # As the training loop does with --jit_compile; XLA rejects any op it cannot compile.
     tf.function(step, jit_compile=True)(*args)
     return {name: float(m.result()) for name, m in metrics.items()}
 

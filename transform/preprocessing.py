@@ -1,8 +1,10 @@
 """tf.Transform preprocessing: decode images once, store them compactly, make labels ids.
 
 Decoding and resizing arbitrary image files is done once here rather than every training step.
-Images are stored either as a serialized uint8 tensor (smallest decode cost, fine for small
-images such as CIFAR) or as a quality-95 JPEG (keeps ImageNet-size datasets small on disk).
+Images are stored either as a serialized uint8 square tensor (smallest decode cost, fine for
+small square images such as CIFAR) or as a quality-95 JPEG of the whole image with its shorter
+side scaled to the stored size (keeps ImageNet-size datasets small on disk, and lets the
+Trainer's random crops and eval centre crop see the whole image, as in the reference).
 Random augmentation is deliberately absent: anything applied here would be frozen per example,
 while SimCLR needs fresh augmentations at every step.
 """
@@ -47,8 +49,8 @@ def _as_vector(tensor: tf.Tensor | tf.SparseTensor, name: str) -> tf.Tensor:
     return tf.reshape(tensor, [tf.shape(tensor)[0]])
 
 
-def _resize_and_center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
-    """Scales the shorter side to `size` (keeping aspect ratio) and crops the center square."""
+def _resize_shorter_side(image: tf.Tensor, size: int) -> tf.Tensor:
+    """Scales uint8 [H, W, 3] so that its shorter side is `size`, keeping the aspect ratio."""
     shape = tf.shape(image)
     height, width = shape[0], shape[1]
     shorter = tf.minimum(height, width)
@@ -65,34 +67,64 @@ def _resize_and_center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
         resized = tf.image.resize(image, [new_height, new_width], method="bicubic", antialias=True)
         return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
 
-    scaled = tf.cond(tf.equal(shorter, size), lambda: image, resize)
-    top = (tf.shape(scaled)[0] - size) // 2
-    left = (tf.shape(scaled)[1] - size) // 2
-    return tf.ensure_shape(scaled[top : top + size, left : left + size, :], [size, size, 3])
+    return tf.cond(tf.equal(shorter, size), lambda: image, resize)
+
+
+def _center_square(image: tf.Tensor, size: int) -> tf.Tensor:
+    """The centred size x size window of an image whose shorter side is `size`."""
+    top = (tf.shape(image)[0] - size) // 2
+    left = (tf.shape(image)[1] - size) // 2
+    return tf.ensure_shape(image[top : top + size, left : left + size, :], [size, size, 3])
+
+
+def _store_image(image: tf.Tensor, image_size: int, image_format: str) -> tf.Tensor:
+    """uint8 [H, W, 3] -> the stored scalar string (see `decode_stored_image`).
+
+    'raw' keeps a fixed image_size² square (shorter side scaled, centre cropped): small images
+    such as CIFAR are square already, and a fixed shape is the cheapest to decode. 'jpeg' keeps
+    the whole image with its shorter side scaled to image_size, so the Trainer's random crops
+    can reach every part of a non-square photo, as when cropping from the original file.
+    """
+    image = _resize_shorter_side(image, image_size)
+    if image_format == "jpeg":
+        return tf.io.encode_jpeg(image, quality=JPEG_QUALITY)
+    return tf.io.serialize_tensor(_center_square(image, image_size))
 
 
 def _encode_images(encoded: tf.Tensor, image_size: int, image_format: str) -> tf.Tensor:
-    """Decodes any JPEG/PNG/GIF/BMP file, makes it image_size² RGB and re-encodes it compactly."""
+    """Decodes a batch of JPEG/PNG/GIF/BMP files to RGB and stores each with `_store_image`."""
 
     def one(data: tf.Tensor) -> tf.Tensor:
         image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
-        image = _resize_and_center_crop(image, image_size)
-        if image_format == "jpeg":
-            return tf.io.encode_jpeg(image, quality=JPEG_QUALITY)
-        return tf.io.serialize_tensor(image)
+        return _store_image(image, image_size, image_format)
 
     return tf.map_fn(one, encoded, fn_output_signature=tf.TensorSpec([], tf.string))
 
 
 def decode_stored_image(serialized: tf.Tensor, image_size: int, image_format: str) -> tf.Tensor:
-    """Inverse of the stored encoding: a scalar string -> uint8 [image_size, image_size, 3]."""
+    """Inverse of the stored encoding: a scalar string -> uint8 RGB image.
+
+    'raw' gives [image_size, image_size, 3]; 'jpeg' gives [H, W, 3] with min(H, W) == image_size
+    and the source's aspect ratio. A JPEG of another shorter side means the Trainer was given
+    another stored size than Transform used, and fails with one line.
+    """
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
-    if image_format == "jpeg":
-        image = tf.io.decode_jpeg(serialized, channels=3)
-    else:
+    if image_format == "raw":
         image = tf.io.parse_tensor(serialized, out_type=tf.uint8)
-    return tf.ensure_shape(image, [image_size, image_size, 3])
+        return tf.ensure_shape(image, [image_size, image_size, 3])
+    # The accurate integer IDCT (libjpeg's default, as PIL decodes): TensorFlow's default fast
+    # IDCT adds errors of several levels to the quality-95 pixels.
+    image = tf.io.decode_jpeg(serialized, channels=3, dct_method="INTEGER_ACCURATE")
+    shorter = tf.reduce_min(tf.shape(image)[:2])
+    message = tf.strings.format(
+        "stored JPEG has shorter side {}, but the stored image size is " + str(image_size),
+        shorter,
+    )
+    check = tf.debugging.Assert(tf.equal(shorter, image_size), [message])
+    with tf.control_dependencies([check]):
+        image = tf.identity(image)
+    return tf.ensure_shape(image, [None, None, 3])
 
 
 def _hex_fingerprint(data: tf.Tensor) -> tf.Tensor:
@@ -139,8 +171,9 @@ def _configured_names(ids: tf.Tensor, label_names: Sequence[str]) -> tf.Tensor:
 def preprocessing_fn(inputs: dict, custom_config: dict) -> dict:
     """Decodes and stores images, assigns integer labels and emits the id->name vocabulary.
 
-    custom_config: `image_size` (stored square side), `image_format` ('raw' or 'jpeg', default
-    'raw'), optional `label_names` (names for integer ids when the data carries none).
+    custom_config: `image_size` (stored size: the square's side for 'raw', the shorter side for
+    'jpeg'), `image_format` ('raw' or 'jpeg', default 'raw'), optional `label_names` (names for
+    integer ids when the data carries none).
     """
     image_size = int(custom_config["image_size"])
     image_format = custom_config.get("image_format", "raw")

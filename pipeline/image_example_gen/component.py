@@ -6,11 +6,24 @@ from tfx.components import FileBasedExampleGen
 from tfx.dsl.components.base import executor_spec
 from tfx.proto import example_gen_pb2
 
+from pipeline.image_example_gen.driver import ImageFolderDriver
 from pipeline.image_example_gen.executor import (
     SPLIT_PATTERN_SUFFIX,
     ImageFolderExecutor,
     make_custom_config,
 )
+
+# The component id runners, reports and tests know the ExampleGen by.
+COMPONENT_ID = "FileBasedExampleGen"
+
+
+class ImageFolderExampleGen(FileBasedExampleGen):
+    """FileBasedExampleGen whose driver fingerprints the input from folder listings.
+
+    TFX's driver would stat every image file before the executor starts (see driver.py).
+    """
+
+    DRIVER_CLASS = ImageFolderDriver
 
 
 def make_image_example_gen(
@@ -20,7 +33,8 @@ def make_image_example_gen(
     labels_file: str | None = None,
     max_bad_fraction: float = 0.01,
     max_images_per_class: int | None = None,
-) -> FileBasedExampleGen:
+    drop_empty_class_folders: bool = False,
+) -> ImageFolderExampleGen:
     """ExampleGen emitting one output split per folder in `splits` (e.g. ['train', 'test']).
 
     The output config is given explicitly with no split_config: left unset, TFX would hash a
@@ -34,7 +48,7 @@ def make_image_example_gen(
             for split in splits
         ]
     )
-    return FileBasedExampleGen(
+    return ImageFolderExampleGen(
         input_base=data_dir,
         input_config=input_config,
         output_config=example_gen_pb2.Output(),
@@ -42,6 +56,7 @@ def make_image_example_gen(
             labels_file=labels_file,
             max_bad_fraction=max_bad_fraction,
             max_images_per_class=max_images_per_class,
+            drop_empty_class_folders=drop_empty_class_folders,
         ),
         custom_executor_spec=executor_spec.BeamExecutorSpec(ImageFolderExecutor),
-    )
+    ).with_id(COMPONENT_ID)

@@ -3,14 +3,17 @@
 Each image becomes a tf.Example that carries the untouched encoded file bytes, so decoding and
 augmentation stay inside the Transform/Trainer graphs. Files that cannot serve as training images
 are skipped and listed in `image_report.json` next to the splits; a split with too many of them
-fails the run, because training on a silently shrunken dataset is worse than stopping.
+fails the run, because training on a silently shrunken dataset is worse than stopping. For the
+same reason a class folder without image files stops the run before anything is read (or, with
+the `drop_empty_class_folders` option, is left out with a warning).
 """
 
 import hashlib
 import io
 import json
 import posixpath
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +38,12 @@ _TMP_DIR_NAME = "_image_report_tmp"
 # Private exec_properties entries through which `Do` hands its results to the Beam transform.
 _TMP_DIR_KEY = "_image_report_tmp_dir"
 _CLASS_IDS_KEY = "_image_class_ids"
+_CLASS_FOLDERS_KEY = "_image_class_folders"
+# Option (and flag) that drops class folders without image files instead of stopping.
+DROP_EMPTY_OPTION = "drop_empty_class_folders"
+_OPTION_NAMES = ("labels_file", "max_bad_fraction", "max_images_per_class", DROP_EMPTY_OPTION)
+# Class folders are listed concurrently: one listing per class is slow on GCS (ImageNet: 2,000).
+_LISTING_THREADS = 32
 
 
 class ImageDataError(ValueError):
@@ -46,6 +55,7 @@ class _Options:
     labels_file: str | None = None
     max_bad_fraction: float = 0.01
     max_images_per_class: int | None = None
+    drop_empty_class_folders: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_bad_fraction <= 1.0:
@@ -61,19 +71,23 @@ def make_custom_config(
     labels_file: str | None = None,
     max_bad_fraction: float = 0.01,
     max_images_per_class: int | None = None,
+    drop_empty_class_folders: bool = False,
 ) -> example_gen_pb2.CustomConfig:
     """Packs the executor options as a Struct in the ExampleGen's CustomConfig proto.
 
     FileBasedExampleGen only accepts a CustomConfig (a protobuf Any); a Struct keeps the options
     a plain JSON dict in the compiled pipeline.
     """
-    options = _Options(labels_file, max_bad_fraction, max_images_per_class)
+    options = _Options(
+        labels_file, max_bad_fraction, max_images_per_class, drop_empty_class_folders
+    )
     struct = struct_pb2.Struct()
     struct.update(
         {
             "labels_file": options.labels_file,
             "max_bad_fraction": options.max_bad_fraction,
             "max_images_per_class": options.max_images_per_class,
+            DROP_EMPTY_OPTION: options.drop_empty_class_folders,
         }
     )
     config = example_gen_pb2.CustomConfig()
@@ -94,7 +108,7 @@ def _parse_options(custom_config_json: str | None) -> _Options:
             f"custom_config must hold a google.protobuf.Struct, got {config.custom_config.type_url}"
         )
     values = json_format.MessageToDict(struct)
-    unknown = sorted(set(values) - {"labels_file", "max_bad_fraction", "max_images_per_class"})
+    unknown = sorted(set(values) - set(_OPTION_NAMES))
     if unknown:
         raise ValueError(f"Unknown image ExampleGen options: {unknown}")
     max_per_class = values.get("max_images_per_class")
@@ -103,6 +117,7 @@ def _parse_options(custom_config_json: str | None) -> _Options:
         max_bad_fraction=float(values.get("max_bad_fraction", 0.01)),
         # Struct numbers are doubles.
         max_images_per_class=None if max_per_class is None else int(max_per_class),
+        drop_empty_class_folders=bool(values.get(DROP_EMPTY_OPTION, False)),
     )
 
 
@@ -157,13 +172,89 @@ def _read_labels_file(labels_file: str) -> list[str]:
     return names
 
 
-def _class_ids(split_dirs: dict[str, str], labels_file: str | None) -> dict[str, int]:
+def _has_image_file(class_dir: str) -> bool:
+    """Whether a class folder holds at least one non-hidden file named like an image.
+
+    Stops at the first one, so a folder of a million images costs one listing and one stat.
+    """
+    return any(
+        not _is_hidden(name)
+        and not name.endswith("/")  # GCS listings mark sub-folders this way
+        and name.lower().endswith(IMAGE_EXTENSIONS)
+        and not tf.io.gfile.isdir(posixpath.join(class_dir, name))
+        for name in tf.io.gfile.listdir(class_dir)
+    )
+
+
+def _class_folders(split_dirs: dict[str, str], drop_empty: bool) -> dict[str, list[str]]:
+    """Split name -> its class folder names, after checking that each one holds images.
+
+    A folder without image files would otherwise become a class with an id and no examples: a
+    head unit that never trains, and usually a copy or extraction that went wrong. So it stops
+    the run, naming the folder, unless `drop_empty` asks to leave such folders out.
+    """
+    entries = [
+        (split, name, posixpath.join(path, name))
+        for split, path in split_dirs.items()
+        for name in _subdirs(path)
+    ]
+    with ThreadPoolExecutor(max_workers=max(1, min(_LISTING_THREADS, len(entries)))) as pool:
+        has_images = list(pool.map(_has_image_file, (path for _, _, path in entries)))
+    empty = [path for (_, _, path), ok in zip(entries, has_images, strict=True) if not ok]
+    if empty and not drop_empty:
+        more = ""
+        if len(empty) > 1:
+            listed = ", ".join(empty[1:4]) + (", ..." if len(empty) > 4 else "")
+            more = f" (and {len(empty) - 1} more: {listed})"
+        raise ImageDataError(
+            f"Class folder {empty[0]} has no image files ({'/'.join(IMAGE_EXTENSIONS)}){more}; "
+            f"add images, remove the folder, or set {DROP_EMPTY_OPTION} to leave empty class "
+            "folders out"
+        )
+    if empty:
+        logging.warning(
+            "Leaving out %d class folder(s) without image files (%s): %s",
+            len(empty),
+            DROP_EMPTY_OPTION,
+            ", ".join(empty),
+        )
+    folders: dict[str, list[str]] = {split: [] for split in split_dirs}
+    for (split, name, _), ok in zip(entries, has_images, strict=True):
+        if ok:
+            folders[split].append(name)
+    return folders
+
+
+def check_class_folders(
+    data_dir: str, splits: Sequence[str], *, drop_empty: bool = False
+) -> dict[str, list[str]]:
+    """Split -> its class folder names under `<data_dir>/<split>/`, checked before any run.
+
+    Raises a one-line ImageDataError when a split folder is missing or a class folder has no
+    image files (or leaves such folders out with a warning when `drop_empty`). The ExampleGen
+    executor runs the same check; a runner calls this first so a broken tree fails in seconds
+    rather than after the pipeline has started.
+    """
+    split_dirs = {split: posixpath.join(data_dir, split) for split in splits}
+    _check_split_dirs(split_dirs)
+    return _class_folders(split_dirs, drop_empty)
+
+
+def _check_split_dirs(split_dirs: dict[str, str]) -> None:
+    """A missing split folder would otherwise surface as an obscure listing error."""
+    for name, path in split_dirs.items():
+        if not tf.io.gfile.isdir(path):
+            raise ImageDataError(f"Split {name!r}: image folder {path} does not exist")
+
+
+def _class_ids(
+    split_dirs: dict[str, str], folders: dict[str, list[str]], labels_file: str | None
+) -> dict[str, int]:
     """Class folder name -> label id, identical for all splits.
 
     Without a labels file ids follow the sorted union of class folders over all splits, so a
     class seen only in the test split still gets a stable id.
     """
-    folders = {name: _subdirs(path) for name, path in split_dirs.items()}
     if labels_file is None:
         all_classes = sorted({c for classes in folders.values() for c in classes})
         return {name: i for i, name in enumerate(all_classes)}
@@ -270,7 +361,9 @@ def _ImageFolderToExample(
     class_ids = json.loads(exec_properties[_CLASS_IDS_KEY])
     split_dir = _split_dir(exec_properties[standard_component_specs.INPUT_BASE_KEY], split_pattern)
     out_dir = posixpath.join(exec_properties[_TMP_DIR_KEY], _split_key(split_pattern))
-    class_entries = [(name, posixpath.join(split_dir, name)) for name in _subdirs(split_dir)]
+    # The folders `Do` checked: left-out empty ones are not listed again.
+    class_names = json.loads(exec_properties[_CLASS_FOLDERS_KEY])[split_pattern]
+    class_entries = [(name, posixpath.join(split_dir, name)) for name in class_names]
 
     results = (
         pipeline
@@ -324,10 +417,9 @@ class ImageFolderExecutor(BaseExampleGenExecutor):
         )
         input_base = exec_properties[standard_component_specs.INPUT_BASE_KEY]
         split_dirs = {s.name: _split_dir(input_base, s.pattern) for s in input_config.splits}
-        for name, path in split_dirs.items():
-            if not tf.io.gfile.isdir(path):
-                raise ImageDataError(f"Split {name!r}: image folder {path} does not exist")
-        class_ids = _class_ids(split_dirs, options.labels_file)
+        _check_split_dirs(split_dirs)
+        folders = _class_folders(split_dirs, options.drop_empty_class_folders)
+        class_ids = _class_ids(split_dirs, folders, options.labels_file)
 
         examples_uri = artifact_utils.get_single_uri(
             output_dict[standard_component_specs.EXAMPLES_KEY]
@@ -340,6 +432,9 @@ class ImageFolderExecutor(BaseExampleGenExecutor):
                 **exec_properties,
                 _TMP_DIR_KEY: tmp_dir,
                 _CLASS_IDS_KEY: json.dumps(class_ids),
+                _CLASS_FOLDERS_KEY: json.dumps(
+                    {s.pattern: folders[s.name] for s in input_config.splits}
+                ),
             },
         )
 

@@ -31,12 +31,10 @@ def _run_stage(
     run_dir: pathlib.Path,
     base_model: str | None = None,
 ) -> StageRun:
-    from models.trainer import run_stage
-
     kwargs = fixtures.run_stage_args(data, run_dir, base_model)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        results = run_stage(config, stage, **kwargs)
+        results = fixtures.run_stage(config, stage, **kwargs)
     print(out.getvalue())
     return StageRun(
         config, kwargs["serving_model_dir"], kwargs["model_run_dir"], results, out.getvalue()

@@ -1,5 +1,5 @@
 """Builders shared by the Trainer-side tests: a tiny tf.Transform output from real CIFAR-10 JPEGs
-and a tiny model config, so `models.trainer.run_stage` runs without the TFX pipeline.
+and a tiny model config, so `models.driver.run_stage` runs without the TFX pipeline.
 
 The raw examples carry the same features as the project's image-folder ExampleGen (image bytes,
 integer label, label_name, filename); Transform is analyzed on the train split only and both
@@ -22,7 +22,7 @@ import tensorflow_transform as tft
 import tensorflow_transform.beam as tft_beam
 from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 
-from pipeline.configs import SimCLRConfig
+from pipeline.configs import SimCLRConfig, trainer_config
 from transform import preprocessing as tp
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -139,6 +139,11 @@ def tiny_config(cifar_dir: pathlib.Path, **overrides) -> SimCLRConfig:
         "pretrain.learning_rate": 1.0,
         "pretrain.temperature": 0.5,
         "pretrain.warmup_epochs": 0.0,
+        # The linear-eval recipe's optimizer (what the pipeline's default protocol applies).
+        "finetune.optimizer": "momentum",
+        "finetune.learning_rate": 0.1,
+        "finetune.weight_decay": 0.0,
+        "finetune.warmup_epochs": 0.0,
         "finetune.train_batch_size": 16,
         "finetune.train_steps": 3,
         "finetune.checkpoint_steps": 3,
@@ -151,6 +156,13 @@ def tiny_config(cifar_dir: pathlib.Path, **overrides) -> SimCLRConfig:
         section, name = path.split(".")
         setattr(getattr(config, section), name, value)
     return config
+
+
+def run_stage(config: SimCLRConfig, stage: str, **kwargs) -> dict[str, float]:
+    """Runs one Trainer stage of `config` the way the pipeline configures it."""
+    from models.driver import run_stage as drive
+
+    return drive(trainer_config(config, stage), **kwargs)
 
 
 def run_stage_args(
@@ -181,10 +193,10 @@ def read_scalars(summary_dir: pathlib.Path) -> dict[str, dict[int, float]]:
 _STAGE_SCRIPT = """
 import json, os, sys
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
-from models.trainer import run_stage
-from pipeline.configs import SimCLRConfig
+from models.config import TrainerConfig
+from models.driver import run_stage
 spec = json.load(open(sys.argv[1]))
-run_stage(SimCLRConfig.from_json(spec["config"]), spec["stage"], **spec["kwargs"])
+run_stage(TrainerConfig.from_json(spec["trainer"]), **spec["kwargs"])
 """
 
 
@@ -192,7 +204,8 @@ def stage_command(
     config: SimCLRConfig, stage: str, kwargs: dict, spec_file: pathlib.Path
 ) -> list[str]:
     """The command line that runs run_stage(config, stage, **kwargs) in a fresh interpreter."""
-    spec_file.write_text(json.dumps({"config": config.to_json(), "stage": stage, "kwargs": kwargs}))
+    trainer = trainer_config(config, stage).to_json()
+    spec_file.write_text(json.dumps({"trainer": trainer, "kwargs": kwargs}))
     return [sys.executable, "-c", _STAGE_SCRIPT, str(spec_file)]
 
 

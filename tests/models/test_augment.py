@@ -4,6 +4,8 @@ Rates are measured over N independent draws run through `tf.data` map (as in the
 bands are 5 binomial standard deviations wide so the tests are not flaky.
 """
 
+import colorsys
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -47,43 +49,68 @@ def _seed():
     tf.random.set_seed(1234)
 
 
-# --- shapes, dtypes, ranges ------------------------------------------------------------------
+# --- shapes, dtypes, values -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "input_hw,size", [((32, 32), 32), ((64, 64), 64), ((48, 40), 32), ((72, 96), 64)]
 )
-def test_train_output_shape_dtype_range(input_hw, size):
+def test_train_output_static_shape_and_dtype(input_hw, size):
+    """The batching code relies on the static shape, whatever the stored image size."""
     image = _uint8_image(*input_hw)
 
     def fn(x):
         return augment.preprocess_for_train(x, size, color_distort=True, use_blur=True)
 
-    ds = tf.data.Dataset.from_tensors(image).repeat(64).map(fn, tf.data.AUTOTUNE)
+    ds = tf.data.Dataset.from_tensors(image).repeat(8).map(fn, tf.data.AUTOTUNE)
     assert ds.element_spec.shape == (size, size, 3)
-    out = next(iter(ds.batch(64))).numpy()
-    assert out.dtype == np.float32
-    assert out.shape == (64, size, size, 3)
-    assert out.min() >= 0.0 and out.max() <= 1.0
+    assert ds.element_spec.dtype == tf.float32
 
 
-def test_train_accepts_unknown_static_shape_and_float_input():
+def test_train_without_random_ops_is_the_rescaled_input():
+    """uint8 is scaled by 1/255 (not clipped or rescaled twice); a same-size float image, taken
+    as already in [0, 1], passes through bit-exactly, also with no static shape."""
+    image = _uint8_image(16, 16)
+    out = augment.preprocess_for_train(
+        tf.constant(image), 16, color_distort=False, crop=False, flip=False
+    )
+    np.testing.assert_allclose(out.numpy(), image / 255.0, rtol=0, atol=1e-7)
+
+    fn = tf.function(
+        lambda x: augment.preprocess_for_train(x, 16, color_distort=False, crop=False, flip=False),
+        input_signature=[tf.TensorSpec([None, None, 3], tf.float32)],
+    )
+    floats = _colourful_image(16)
+    np.testing.assert_array_equal(fn(tf.constant(floats)).numpy(), floats)
+
+
+def test_train_accepts_unknown_static_shape():
     fn = tf.function(
         lambda x: augment.preprocess_for_train(
             x, 32, color_distort=True, color_jitter_impl="v1", use_blur=True
         ),
         input_signature=[tf.TensorSpec([None, None, 3], tf.float32)],
     )
-    out = fn(tf.constant(_uint8_image(40, 36), tf.float32) / 255.0).numpy()
-    assert out.shape == (32, 32, 3) and out.min() >= 0.0 and out.max() <= 1.0
+    assert fn.get_concrete_function().structured_outputs.shape == (32, 32, 3)
+    assert fn(tf.constant(_uint8_image(40, 36), tf.float32) / 255.0).shape == (32, 32, 3)
 
 
 @pytest.mark.parametrize("input_hw,size", [((40, 36), 32), ((80, 96), 64), ((64, 64), 64)])
-def test_eval_output_shape_dtype_range(input_hw, size):
-    out = augment.preprocess_for_eval(tf.constant(_uint8_image(*input_hw)), size)
+def test_eval_is_numpy_centre_crop_then_bicubic_resize(input_hw, size):
+    """Crop geometry computed here independently: side rint(0.875 * shorter side), odd margin
+    before the crop, and no crop at 32 px or below."""
+    image = _uint8_image(*input_hw)
+    height, width = input_hw
+    if size > 32:
+        side = int(np.rint(0.875 * min(height, width)))
+        top, left = (height - side + 1) // 2, (width - side + 1) // 2
+        window = image[top : top + side, left : left + side]
+    else:
+        window = image
+    expected = tf.image.resize(window / 255.0, [size, size], method="bicubic").numpy()
+    out = augment.preprocess_for_eval(tf.constant(image), size)
     assert out.dtype == tf.float32
-    assert out.shape == (size, size, 3)
-    assert 0.0 <= float(tf.reduce_min(out)) and float(tf.reduce_max(out)) <= 1.0
+    np.testing.assert_allclose(out.numpy(), np.clip(expected, 0.0, 1.0), atol=1e-5)
 
 
 def test_eval_at_cifar_size_is_plain_conversion():
@@ -197,20 +224,33 @@ def test_jitter_rate(impl):
     )
     changed = _changed(outputs, image)
     assert abs(changed.mean() - 0.8) < _binomial_band(0.8)
-    assert outputs.min() >= 0.0 and outputs.max() <= 1.0
 
 
-def test_train_color_distort_grayscale_and_untouched_rates():
+def test_train_jitter_and_grayscale_are_independent_draws():
+    """The four outcomes of jitter (p=0.8) x grayscale (p=0.2) have the product rates.
+
+    Grayscale of the untouched image is told apart from grayscale of a jittered one by its
+    luma. One shared draw for both decisions would make 'grayscale only' impossible: 0 instead
+    of 0.04, nine standard deviations away.
+    """
     image = _colourful_image()
     outputs = _map_copies(
         lambda x: augment.preprocess_for_train(x, 8, color_distort=True, crop=False, flip=False),
         image,
     )
+    luma = image @ np.array([0.2989, 0.587, 0.114], np.float32)
+    plain_gray = np.all(np.abs(outputs - luma[None, ..., None]) < 1e-4, axis=(1, 2, 3))
     gray = _is_gray(outputs)
-    assert abs(gray.mean() - 0.2) < _binomial_band(0.2)
-    # Untouched only when neither jitter (0.8) nor grayscale (0.2) fired: 0.2 * 0.8 = 0.16.
-    untouched = ~_changed(outputs, image)
-    assert abs(untouched.mean() - 0.16) < _binomial_band(0.16)
+    changed = _changed(outputs, image)
+    rates = {
+        "untouched": (~changed).mean(),
+        "jitter only": (changed & ~gray).mean(),
+        "grayscale only": plain_gray.mean(),
+        "both": (gray & ~plain_gray).mean(),
+    }
+    expected = {"untouched": 0.16, "jitter only": 0.64, "grayscale only": 0.04, "both": 0.16}
+    for name, p in expected.items():
+        assert abs(rates[name] - p) < _binomial_band(p), (name, rates[name])
 
 
 def test_to_grayscale_matches_luma():
@@ -240,11 +280,163 @@ def test_zero_strength_jitter_is_identity(impl):
     np.testing.assert_array_equal(out, image)
 
 
-@pytest.mark.parametrize("impl", ["v1", "v2"])
-def test_strong_jitter_runs(impl):
-    image = _colourful_image(seed=4)
-    out = augment.color_jitter(tf.constant(image), 2.0, impl=impl).numpy()
-    assert out.shape == image.shape and out.min() >= 0.0 and out.max() <= 1.0
+# Colour-jitter probes: three 4x4 images, each exposing one jitter component while the others
+# either leave it untouched or act on it in a way the measurement divides out. Levels are chosen
+# so that no pixel is ever clipped (checked), which keeps every measurement exact:
+# - gray constant: contrast (no deviation from the mean), saturation and hue (no chroma) do
+#   nothing, so the output is the brightness change alone;
+# - gray checkerboard: saturation and hue do nothing; brightness scales (v2: the coefficient of
+#   variation is unchanged) or shifts (v1: the standard deviation is unchanged) it, so those give
+#   the contrast factor;
+# - one constant colour: contrast does nothing; hue keeps HSV saturation S and chroma max - min,
+#   v2 brightness keeps S and v1 brightness keeps the chroma, so S (v2) or the chroma (v1) gives
+#   the saturation factor; the hue shift is untouched by everything else.
+
+
+def _jitter_probes(level: float, spread: float, saturation: float) -> np.ndarray:
+    gray = np.full((4, 4, 3), level, np.float32)
+    sign = np.where(np.indices((4, 4)).sum(0) % 2 == 0, 1.0, -1.0)[..., None]
+    checker = (gray + spread * sign).astype(np.float32)
+    colour = np.array([level, level * (1 - 0.3 * saturation), level * (1 - saturation)])
+    return np.stack([gray, checker, np.broadcast_to(colour, (4, 4, 3))]).astype(np.float32)
+
+
+def _hue(rgb: np.ndarray) -> np.ndarray:
+    return np.array([colorsys.rgb_to_hsv(*map(float, pixel))[0] for pixel in rgb])
+
+
+def _measure_jitter(outputs: np.ndarray, probes: np.ndarray, impl: str) -> dict[str, np.ndarray]:
+    gray, checker, colour = outputs[:, 0, 0, 0, 0], outputs[:, 1, ..., 0], outputs[:, 2, 0, 0]
+    gray0, checker0, colour0 = probes[0, 0, 0, 0], probes[1, ..., 0], probes[2, 0, 0]
+    chroma = colour.max(-1) - colour.min(-1)
+    chroma0 = colour0.max() - colour0.min()
+    if impl == "v2":
+        brightness = gray / gray0
+        contrast = (checker.std((1, 2)) / checker.mean((1, 2))) / (checker0.std() / checker0.mean())
+        saturation = (chroma / colour.max(-1)) / (chroma0 / colour0.max())
+    else:
+        brightness = gray - gray0
+        contrast = checker.std((1, 2)) / checker0.std()
+        saturation = chroma / chroma0
+    hue = (_hue(colour) - _hue(colour0[None])[0] + 0.5) % 1.0 - 0.5
+    return {"brightness": brightness, "contrast": contrast, "saturation": saturation, "hue": hue}
+
+
+def _assert_uniform_on(values: np.ndarray, low: float, high: float, name: str) -> None:
+    """Bounds, both ends reached (all draws miss the last 2% of the range with p = 0.98^2000,
+    about 3e-18), the mean within 5 standard errors and no repeated draw. A magnitude off by 2x
+    breaks a bound or leaves an end unreached; a shifted or unclamped range moves the mean."""
+    width = high - low
+    assert values.min() >= low - 1e-3 * width and values.max() <= high + 1e-3 * width, name
+    assert values.min() < low + 0.02 * width and values.max() > high - 0.02 * width, name
+    standard_error = width / np.sqrt(12 * values.size)
+    assert abs(values.mean() - (low + high) / 2) < 5 * standard_error, name
+    assert len(np.unique(values)) > 0.99 * values.size, f"{name}: repeated draws"
+
+
+@pytest.mark.parametrize(
+    "impl,strength,probe",
+    [
+        ("v2", 0.5, (0.3, 0.02, 0.3)),
+        ("v2", 1.0, (0.3, 0.02, 0.3)),
+        ("v2", 2.0, (0.3, 0.02, 0.3)),  # lower factor bounds clamp at 0
+        ("v1", 0.5, (0.5, 0.05, 0.1)),
+    ],
+)
+def test_jitter_component_magnitudes(impl, strength, probe):
+    """Brightness, contrast and saturation factors uniform on [max(1 - 0.8s, 0), 1 + 0.8s]
+    (v1 brightness: offsets on [-0.8s, 0.8s]) and hue shifts uniform on [-0.2s, 0.2s], measured
+    through the full random-order jitter on the probes above."""
+    probes = _jitter_probes(*probe)
+    outputs = _map_copies(lambda x: augment.color_jitter(x, strength, impl=impl), probes)
+    assert 0.0 < outputs.min() and outputs.max() < 1.0  # nothing clipped: measurements are exact
+    assert np.all(outputs[:, :2] == outputs[:, :2, ..., :1])  # the gray probes stay gray
+    measured = _measure_jitter(outputs, probes, impl)
+
+    factor_range = (max(1.0 - 0.8 * strength, 0.0), 1.0 + 0.8 * strength)
+    brightness_range = factor_range if impl == "v2" else (-0.8 * strength, 0.8 * strength)
+    _assert_uniform_on(measured["brightness"], *brightness_range, "brightness")
+    _assert_uniform_on(measured["contrast"], *factor_range, "contrast")
+    _assert_uniform_on(measured["saturation"], *factor_range, "saturation")
+    if factor_range[0] > 0.1:  # the hue of a nearly desaturated colour is not measurable
+        _assert_uniform_on(measured["hue"], -0.2 * strength, 0.2 * strength, "hue")
+
+
+def _brightness_contrast_signatures(low, mid, high, tol: float = 1e-4):
+    """Outputs of the gray levels (0, 0.5, 1) only one relative order of v2 brightness (B, scale
+    then clip) and contrast (C, stretch about the mean then clip) can produce.
+
+    Unclipped, B and C commute; clipping breaks the symmetry. C then B keeps mid - low equal to
+    high - mid unless the top level is clipped to 1. B then C is symmetric only when neither
+    clips (factor and stretch <= 1), which leaves the middle at most 0.5 and the low level above
+    0. Hence 'asymmetric, top below 1' is B-first only, and 'symmetric, top below 1, low at 0 or
+    middle above 0.5' is C-first only.
+    """
+    symmetric = np.abs((high - mid) - (mid - low)) < tol
+    top_free = high < 1.0 - tol
+    b_first = ~symmetric & top_free
+    c_first = symmetric & top_free & ((low < tol) | (mid > 0.5 + tol))
+    return b_first, c_first
+
+
+def test_jitter_order_is_random_per_image():
+    """Both relative orders of brightness and contrast occur, at the rates a uniformly random
+    order gives. The rates come from a numpy simulation of the two clipped transforms (the gray
+    image makes saturation and hue no-ops); a fixed order would make one of them 0."""
+    levels = np.array([0.0, 0.5, 1.0], np.float32)
+    image = np.broadcast_to(levels[:, None, None], (3, 3, 3)).copy()
+    outputs = _map_copies(lambda x: augment.color_jitter(x, 0.5), image)
+    assert np.all(outputs == outputs[..., :1])
+    observed = _brightness_contrast_signatures(*outputs[:, :, 0, 0].T)
+
+    rng = np.random.default_rng(0)
+    n = 200_000
+    scale = rng.uniform(0.6, 1.4, (n, 1))
+    stretch = rng.uniform(0.6, 1.4, (n, 1))
+    x = np.broadcast_to(levels.astype(np.float64), (n, 3))
+
+    def brightness(v):
+        return np.clip(v * scale, 0.0, 1.0)
+
+    def contrast(v):
+        mean = v.mean(axis=1, keepdims=True)
+        return np.clip(mean + stretch * (v - mean), 0.0, 1.0)
+
+    b_first = rng.random((n, 1)) < 0.5
+    simulated = np.where(b_first, contrast(brightness(x)), brightness(contrast(x)))
+    expected = _brightness_contrast_signatures(*simulated.T)
+    for name, got, want in zip(["B first", "C first"], observed, expected, strict=True):
+        p = want.mean()
+        assert p > 0.15  # each signature is common, so a missing order is unmistakable
+        assert abs(got.mean() - p) < _binomial_band(p), (name, got.mean(), p)
+
+
+def test_random_parameters_are_fresh_per_image_and_per_view_under_a_global_seed():
+    """Training sets a global seed. Jitter magnitudes, order and blur sigma must still differ
+    between images and between the two views made in one map call (random ops created inside
+    cond/switch branches would share op seeds there and replay one sequence)."""
+    tf.random.set_seed(0)
+    image = np.full((4, 4, 3), 0.3, np.float32)
+    colourful = _colourful_image()
+
+    def two_views(x):
+        def jitter():
+            return augment.random_color_distort(x, strength=0.5, grayscale_prob=0.0)
+
+        def blur():
+            return augment.random_blur(tf.constant(colourful), 5, p=1.0, sigma_range=(1.0, 2.0))
+
+        return jitter(), jitter(), blur(), blur()
+
+    ds = tf.data.Dataset.from_tensors(image).repeat(N).map(two_views)
+    view1, view2, blur1, blur2 = (t.numpy() for t in next(iter(ds.batch(N))))
+    # A jittered gray constant is 0.3 times the brightness factor: one fresh draw per image.
+    view1, view2 = view1[:, 0, 0, 0], view2[:, 0, 0, 0]
+    jittered1, jittered2 = view1 != np.float32(0.3), view2 != np.float32(0.3)
+    assert len(np.unique(view1[jittered1])) >= jittered1.sum() - 2
+    assert len(np.unique(view2[jittered2])) >= jittered2.sum() - 2
+    assert np.sum((view1 == view2) & jittered1 & jittered2) <= 2
+    assert np.sum(np.all(blur1 == blur2, axis=(1, 2, 3))) <= 2
 
 
 def test_unknown_jitter_impl_raises():

@@ -1,8 +1,10 @@
-"""Input pipelines over a real (tiny) Transform output: subsets, shapes, order, coverage."""
+"""Input pipelines over a real (tiny) Transform output and over hand-made stored images:
+subsets, order, coverage, and the pixel values of training and evaluation views."""
 
 from __future__ import annotations
 
 import collections
+import pathlib
 
 import numpy as np
 import pytest
@@ -10,6 +12,8 @@ import tensorflow as tf
 
 from models import data as data_lib
 from tests.models import fixtures
+from tests.models import image_reference as ref
+from transform import preprocessing as tp
 
 SPEC = data_lib.ImageSpec(stored_size=32, image_format="raw", image_size=32)
 
@@ -98,14 +102,18 @@ def test_contrastive_batches_have_two_different_views(transformed):
         assert (per_image_diff > 1e-3).all()
 
 
-def test_finetune_batches_are_full_images_and_labels(transformed):
+def test_finetune_batches_never_come_short(transformed):
+    """A short last batch would change the per-replica batch (and the compiled step) on TPUs."""
     ds = _train(transformed, 12, contrastive=False)
     image_spec, label_spec = ds.element_spec
     assert image_spec.shape == (12, 32, 32, 3) and label_spec.shape == (12,)
     # 80 examples are not a multiple of 12: batches still never come short, across epochs.
+    seen = collections.Counter()
     for images, labels in ds.take(15):
         assert images.shape == (12, 32, 32, 3) and labels.shape == (12,)
-        assert 0.0 <= float(tf.reduce_min(images)) and float(tf.reduce_max(images)) <= 1.0
+        seen.update(labels.numpy().tolist())
+    # 180 draws over 2+ epochs of 8 examples per class: every class comes back.
+    assert set(seen) == set(range(10))
 
 
 def test_keep_keys_yields_only_kept_examples(transformed):
@@ -156,6 +164,190 @@ def test_eval_dataset_covers_every_example_once(transformed):
     ]
     pixels = tf.io.parse_tensor(stored, tf.uint8).numpy()
     np.testing.assert_allclose(first_images[0], pixels / 255.0, atol=1e-6)
+
+
+# ----- pixel values of training and evaluation views -----
+
+
+def _write_stored(path: pathlib.Path, stored: list[bytes]) -> str:
+    """Transformed examples as Transform writes them (stored image, label, key), GZIP."""
+    with tf.io.TFRecordWriter(str(path), options="GZIP") as writer:
+        for i, blob in enumerate(stored):
+            feature = {
+                tp.IMAGE_KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[blob])),
+                tp.LABEL_KEY: tf.train.Feature(int64_list=tf.train.Int64List(value=[i])),
+                tp.KEY_KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"k%d" % i])),
+            }
+            example = tf.train.Example(features=tf.train.Features(feature=feature))
+            writer.write(example.SerializeToString())
+    return str(path)
+
+
+def _store(image: np.ndarray, stored_size: int, image_format: str) -> bytes:
+    """What Transform stores for a (lossless PNG) file holding `image`."""
+    png = tf.io.encode_png(tf.constant(image))
+    return tp._encode_images(png[tf.newaxis], stored_size, image_format).numpy()[0]
+
+
+def _coordinate_image(size: int) -> np.ndarray:
+    """R = 20 + 5x and G = 20 + 5y encode each pixel's position, so a view's crop box can be read
+    back; B is a 2-px checkerboard that any blur smears. Values stay well inside (0, 255), so
+    bicubic overshoot is never clipped."""
+    y, x = np.mgrid[0:size, 0:size]
+    checker = 60 + 130 * ((x // 2 + y // 2) % 2)
+    return np.stack([20 + 5 * x, 20 + 5 * y, checker], axis=-1).astype(np.uint8)
+
+
+def _locate(profile: np.ndarray, source: np.ndarray) -> tuple[int, int]:
+    """(offset, length) of the window of the 1-D `source` whose bicubic resize to len(profile)
+    is closest to `profile`, found by trying every window."""
+    best = (np.inf, 0, 0)
+    for length in range(1, len(source) + 1):
+        windows = np.lib.stride_tricks.sliding_window_view(source, length)
+        errors = np.abs(windows @ ref.bicubic_matrix(length, len(profile)).T - profile).max(1)
+        i = int(np.argmin(errors))
+        if errors[i] < best[0]:
+            best = (errors[i], i, length)
+    return best[1], best[2]
+
+
+def _explain_view(view: np.ndarray, source: np.ndarray) -> tuple[bool, tuple, float]:
+    """Reads the crop box and flip of a view of `_coordinate_image` from its R and G channels and
+    returns (flipped, box, largest difference from the NumPy crop + resize of that box)."""
+    flipped = bool(view[0, 0, 0] > view[0, -1, 0])
+    if flipped:
+        view = view[:, ::-1]
+    height, width = view.shape[:2]
+    left, crop_width = _locate(view[height // 2, :, 0], source[0, :, 0] / 255.0)
+    top, crop_height = _locate(view[:, width // 2, 1], source[:, 0, 1] / 255.0)
+    window = source[top : top + crop_height, left : left + crop_width] / 255.0
+    error = float(np.abs(view - ref.resize(window, height, width)).max())
+    return flipped, (top, left, crop_height, crop_width), error
+
+
+def test_finetune_views_are_crops_without_colour_distortion_or_blur(tmp_path):
+    """Fine-tuning views are random crop + bicubic resize + flip and nothing else, as in the
+    reference, even when colour jitter and blur are configured for pretraining: each view must
+    equal the NumPy crop + resize of some window of the stored image, possibly mirrored."""
+    source = _coordinate_image(40)
+    files = _write_stored(tmp_path / "t.gz", [_store(source, 40, "raw")] * 4)
+    spec = data_lib.ImageSpec(stored_size=40, image_format="raw", image_size=32)
+
+    def views(contrastive: bool, batches: int) -> np.ndarray:
+        ds = data_lib.train_dataset(
+            files,
+            spec,
+            16,
+            contrastive=contrastive,
+            color_jitter_strength=1.0,
+            color_jitter_impl="v2",
+            use_blur=True,
+            seed=0,
+        )
+        return np.concatenate([v.numpy() for b in ds.take(batches) for v in b[:-1]])
+
+    explained = [_explain_view(v, source) for v in views(contrastive=False, batches=3)]
+    assert max(error for _, _, error in explained) < 2e-3
+    # Random crops and flips are really drawn: many boxes, both orientations.
+    assert {flipped for flipped, _, _ in explained} == {False, True}
+    assert len({box for _, box, _ in explained}) >= 10
+    # The same check rejects pretraining views: colour jitter (p=0.8), grayscale (p=0.2) and
+    # blur (p=0.5) leave few of them pure crops.
+    pretrain = [_explain_view(v, source)[2] < 2e-3 for v in views(contrastive=True, batches=1)]
+    assert np.mean(pretrain) < 0.5
+
+
+_CORNER_COLOURS = {
+    "top left": (230, 30, 30),
+    "top right": (30, 230, 30),
+    "bottom left": (30, 30, 230),
+    "bottom right": (230, 230, 30),
+}
+
+
+def _cornered_image(height: int, width: int) -> np.ndarray:
+    """Grey, with a distinctly coloured patch of 1/8 x 1/8 of the image in each corner."""
+    image = np.full([height, width, 3], 128, np.uint8)
+    ph, pw = height // 8, width // 8
+    corners = [np.s_[:ph, :pw], np.s_[:ph, -pw:], np.s_[-ph:, :pw], np.s_[-ph:, -pw:]]
+    for corner, colour in zip(corners, _CORNER_COLOURS.values(), strict=True):
+        image[corner] = colour
+    return image
+
+
+def _shows(images: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
+    """Per image: does it hold at least 4 pixels of `colour` (JPEG and resampling tolerated)?"""
+    near = np.abs(images - np.array(colour) / 255.0).max(axis=-1) < 0.12
+    return near.sum(axis=(-2, -1)) >= 4
+
+
+def test_training_crops_reach_every_corner_of_a_non_square_image(tmp_path):
+    """JPEG storage keeps the whole image (shorter side scaled), so the training crops (the same
+    for pretraining and fine-tuning) can show each corner of a non-square photo, as the
+    reference's crops of the original file do. A centre-square storage cuts those corners off."""
+    stored = _store(_cornered_image(96, 160), 64, "jpeg")
+    pixels = ref.decode(stored) / 255.0
+    assert pixels.shape == (64, 107, 3)
+    centre = pixels[:, (107 - 64) // 2 :][:, :64]
+    assert not any(_shows(centre, colour) for colour in _CORNER_COLOURS.values())
+
+    files = _write_stored(tmp_path / "t.gz", [stored] * 4)
+    spec = data_lib.ImageSpec(stored_size=64, image_format="jpeg", image_size=32)
+    ds = data_lib.train_dataset(
+        files,
+        spec,
+        64,
+        contrastive=False,
+        color_jitter_strength=1.0,
+        color_jitter_impl="v2",
+        use_blur=False,
+        seed=0,
+    )
+    views = np.concatenate([images.numpy() for images, _ in ds.take(4)])
+    for name, colour in _CORNER_COLOURS.items():
+        assert _shows(views, colour).any(), f"no crop reached the {name} corner"
+
+
+def _eval_reference(pixels: np.ndarray, image_size: int) -> np.ndarray:
+    """The reference's eval view: above 32 px the centred square of 0.875 of the shorter side,
+    else the whole centred square; then a bicubic resize to image_size."""
+    window = ref.center_crop(pixels / 255.0, 0.875 if image_size > 32 else 1.0)
+    return ref.resize(window, image_size, image_size)
+
+
+@pytest.mark.parametrize(
+    "image_format,source_hw,stored_size,image_size",
+    [
+        ("raw", (40, 40), 40, 32),  # CIFAR-style square stored larger than the model input
+        ("jpeg", (64, 96), 64, 48),  # wide: centre crop of the whole image, then downscale
+        ("jpeg", (64, 96), 64, 56),  # centre crop without resize: exact window placement
+        ("jpeg", (48, 32), 32, 32),  # tall and small: centred square, not a squash
+    ],
+)
+def test_eval_pixels_of_an_image_of_another_size(
+    tmp_path, image_format, source_hw, stored_size, image_size
+):
+    """Evaluation (and serving, which shares `eval_image`) sees the reference's centre crop of
+    the whole stored image; the values are compared with a NumPy crop + bicubic resize."""
+    source = np.random.default_rng(0).integers(0, 256, [*source_hw, 3], dtype=np.uint8)
+    stored = _store(source, stored_size, image_format)
+    pixels = source if image_format == "raw" else ref.decode(stored)
+    assert pixels.shape == (*source_hw, 3)
+    spec = data_lib.ImageSpec(stored_size, image_format, image_size)
+    images, labels = next(
+        iter(data_lib.eval_dataset(_write_stored(tmp_path / "e.gz", [stored]), spec, 4))
+    )
+    assert labels.numpy().tolist() == [0]
+    expected = np.clip(_eval_reference(pixels, image_size), 0.0, 1.0)
+    np.testing.assert_allclose(images.numpy()[0], expected, atol=2e-3)
+
+
+def test_eval_rejects_a_stored_size_other_than_transforms(tmp_path):
+    stored = _store(np.zeros([64, 96, 3], np.uint8), 64, "jpeg")
+    spec = data_lib.ImageSpec(stored_size=48, image_format="jpeg", image_size=32)
+    files = _write_stored(tmp_path / "e.gz", [stored])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="shorter side 64, but the stored"):
+        next(iter(data_lib.eval_dataset(files, spec, 1)))
 
 
 def test_steps_per_epoch_floors_but_is_at_least_one():

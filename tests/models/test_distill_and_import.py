@@ -11,8 +11,8 @@ import tf_keras as keras
 
 from models import data as data_lib
 from models import train_loop
+from models.loss import distillation_loss, partially_labeled_loss
 from models.model import SimCLRModel
-from models.trainer import run_stage
 from tests.models import fixtures
 
 
@@ -42,7 +42,7 @@ def teacher(cifar_dir, transformed, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("teacher")
     kwargs = fixtures.run_stage_args(transformed, run_dir)
     kwargs["eval_files"] = transformed.train_files
-    results = run_stage(config, "finetune", **kwargs)
+    results = fixtures.run_stage(config, "finetune", **kwargs)
     return config, kwargs["serving_model_dir"], results["eval/label_top_1_accuracy"]
 
 
@@ -58,7 +58,7 @@ def test_distilled_student_beats_random_init_student(teacher, transformed, tmp_p
     config.distill.distill_width_multiplier = 0.125
     kwargs = fixtures.run_stage_args(transformed, tmp_path, base_model=teacher_dir)
     kwargs["eval_files"] = transformed.train_files  # the images the teacher labels
-    student_top1 = run_stage(config, "distill", **kwargs)["eval/label_top_1_accuracy"]
+    student_top1 = fixtures.run_stage(config, "distill", **kwargs)["eval/label_top_1_accuracy"]
 
     keras.utils.set_random_seed(0)
     random_student = SimCLRModel(config.model, 10, fixtures.IMAGE_SIZE, pretraining=False)
@@ -84,46 +84,42 @@ def test_distillation_loss_matches_formula():
         -np.sum(softmax(t_logits / temperature) * np.log(softmax(s_logits / temperature)), -1)
     )
 
-    class Teacher:
-        def __call__(self, images, trainable):
-            return {"logits_sup": tf.constant(t_logits)}
-
-    class Student(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.bias = tf.Variable(tf.zeros([3]))
-
-        def call(self, images, training=False):
-            return {"logits_sup": tf.constant(s_logits) + self.bias}
-
-    student = Student()
-    metrics = train_loop.make_metrics("distill")
-    step = train_loop.distill_step(
-        student,
-        Teacher(),
-        keras.optimizers.SGD(0.0),
-        metrics,
-        temperature=temperature,
-        label_weight=0.0,
-        weight_decay=0.0,
-        optimizer_name="momentum",
-    )
-    step(tf.zeros([2, 4, 4, 3]), tf.constant([-1, -1], tf.int64))
-    assert float(metrics["distill_loss"].result()) == pytest.approx(expected, rel=1e-5)
-    assert float(metrics["supervised_loss"].result()) == 0.0  # no labeled example
+    got = distillation_loss(tf.constant(t_logits), tf.constant(s_logits), temperature)
+    assert float(got) == pytest.approx(expected, rel=1e-5)
 
 
-def test_finetune_from_released_format_savedmodel(cifar_dir, transformed, tmp_path):
-    """A pretrain export made by another process is imported through its `__call__` contract."""
-    pretrain_dir = tmp_path / "pretrain"
+def test_partially_labeled_loss_ignores_unlabeled_examples():
+    logits = np.array([[2.0, 0.0, -1.0], [0.0, 3.0, 0.0], [1.0, 1.0, 5.0]], np.float32)
+    labels = np.array([0, -1, 1], np.int64)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = -(log_probs[0, 0] + log_probs[2, 1]) / 2  # the labeled rows 0 and 2 only
+    loss, acc = partially_labeled_loss(tf.constant(labels), tf.constant(logits))
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert float(acc) == pytest.approx(0.5)  # row 0 right, row 2 wrong
+    empty_loss, empty_acc = partially_labeled_loss(tf.constant([-1, -1], tf.int64), logits[:2])
+    assert float(empty_loss) == 0.0 and float(empty_acc) == 0.0
+
+
+@pytest.fixture(scope="module")
+def released_export(cifar_dir, transformed, tmp_path_factory) -> str:
+    """A pretrain export made by another process (so nothing is shared in memory)."""
+    root = tmp_path_factory.mktemp("released")
     config = fixtures.tiny_config(cifar_dir)
     command = fixtures.stage_command(
-        config, "pretrain", fixtures.run_stage_args(transformed, pretrain_dir), tmp_path / "s.json"
+        config, "pretrain", fixtures.run_stage_args(transformed, root), root / "s.json"
     )
-    subprocess.run(
-        command, env=fixtures.subprocess_env(), check=True, timeout=600, capture_output=True
+    made = subprocess.run(
+        command, env=fixtures.subprocess_env(), timeout=600, capture_output=True, text=True
     )
-    released = str(pretrain_dir / "serving_model")
+    assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]
+    return str(root / "serving_model")
+
+
+def test_finetune_from_released_format_savedmodel(
+    cifar_dir, transformed, released_export, tmp_path
+):
+    """A released-format export is imported through its `__call__` contract."""
+    released = released_export
 
     ft = fixtures.tiny_config(
         cifar_dir,
@@ -135,7 +131,7 @@ def test_finetune_from_released_format_savedmodel(cifar_dir, transformed, tmp_pa
     )
     ft.train_mode = "finetune"
     kwargs = fixtures.run_stage_args(transformed, tmp_path / "ft", base_model=released)
-    run_stage(ft, "finetune", **kwargs)
+    fixtures.run_stage(ft, "finetune", **kwargs)
 
     images = tf.random.uniform([4, fixtures.IMAGE_SIZE, fixtures.IMAGE_SIZE, 3], seed=1)
     source = tf.saved_model.load(released)(images, trainable=False)
@@ -146,6 +142,49 @@ def test_finetune_from_released_format_savedmodel(cifar_dir, transformed, tmp_pa
         served["final_avg_pool"].numpy(), source["final_avg_pool"].numpy(), atol=1e-5
     )
     assert served["logits_sup"].shape == (4, 10)
+
+
+def _head_variables(path: str) -> dict[str, np.ndarray]:
+    loaded = tf.saved_model.load(path)
+    return {v.name: v.numpy() for v in loaded.variables if "projection_head/layer_0/" in v.name}
+
+
+def test_imported_checkpoint_fine_tunes_from_its_pretrained_projection_layer(
+    cifar_dir, transformed, released_export, tmp_path
+):
+    """ft_proj_selector=1 with --checkpoint starts layer nl_0 from the checkpoint's values."""
+    ft = fixtures.tiny_config(
+        cifar_dir,
+        **{
+            "finetune.checkpoint": released_export,
+            "finetune.fine_tune_after_block": -1,
+            "finetune.train_steps": 1,
+            "finetune.learning_rate": 0.0,
+            "model.ft_proj_selector": 1,
+        },
+    )
+    ft.train_mode = "finetune"
+    kwargs = fixtures.run_stage_args(transformed, tmp_path / "ft", base_model=released_export)
+    fixtures.run_stage(ft, "finetune", **kwargs)
+    pretrained = _head_variables(released_export)
+    tuned = _head_variables(kwargs["serving_model_dir"])
+    kernels = [name for name in pretrained if name.endswith("kernel:0")]
+    assert kernels and set(pretrained) <= set(tuned)
+    for name, value in pretrained.items():  # learning rate 0: exactly the imported values
+        np.testing.assert_array_equal(tuned[name], value, err_msg=name)
+
+
+def test_imported_checkpoint_rejects_a_partially_frozen_backbone(
+    cifar_dir, transformed, released_export, tmp_path
+):
+    ft = fixtures.tiny_config(
+        cifar_dir,
+        **{"finetune.checkpoint": released_export, "finetune.fine_tune_after_block": 2},
+    )
+    ft.train_mode = "finetune"
+    kwargs = fixtures.run_stage_args(transformed, tmp_path, base_model=released_export)
+    with pytest.raises(ValueError, match="^--fine_tune_after_block: .* 2 is not supported$"):
+        fixtures.run_stage(ft, "finetune", **kwargs)
 
 
 def test_checkpoint_without_the_contract_is_rejected(tmp_path):

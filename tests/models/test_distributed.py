@@ -30,8 +30,8 @@ TOLERANCE = 1e-5
 
 
 def _model(global_bn: bool):
+    from models.config import ModelConfig
     from models.model import SimCLRModel
-    from pipeline.configs import ModelConfig
 
     config = ModelConfig(
         resnet_depth=18, width_multiplier=0.125, global_bn=global_bn, proj_out_dim=16
@@ -51,18 +51,11 @@ def _batch(seed: int, size: int = GLOBAL_BATCH) -> tuple[np.ndarray, np.ndarray,
 
 
 def _step_fn(model, optimizer, metrics):
-    from models import train_loop
+    from models.config import PretrainConfig
+    from models.tasks.pretrain import contrastive_step
 
-    return train_loop.pretrain_step(
-        model,
-        optimizer,
-        metrics,
-        temperature=TEMPERATURE,
-        hidden_norm=True,
-        lineareval=True,
-        weight_decay=WEIGHT_DECAY,
-        optimizer_name="momentum",
-    )
+    train = PretrainConfig(temperature=TEMPERATURE, weight_decay=WEIGHT_DECAY, optimizer="momentum")
+    return contrastive_step(model, optimizer, metrics, train)
 
 
 def _one_step(strategy, global_bn: bool, init_weights: list[np.ndarray]) -> dict:
@@ -74,13 +67,13 @@ def _one_step(strategy, global_bn: bool, init_weights: list[np.ndarray]) -> dict
     import tensorflow as tf
     import tf_keras as keras
 
-    from models import train_loop
+    from models.tasks.pretrain import pretrain_metrics
 
     with strategy.scope():
         model = _model(global_bn)
         model.set_weights(init_weights)
         optimizer = keras.optimizers.SGD(1.0)
-        metrics = train_loop.make_metrics("pretrain")
+        metrics = pretrain_metrics()
     before = [v.numpy() for v in model.trainable_variables]
     step_fn = _step_fn(model, optimizer, metrics)
     replicas = strategy.num_replicas_in_sync
@@ -165,7 +158,8 @@ def _worker_main(index: int, ports: list[int], out_dir: str) -> None:
 
     from models import train_loop
     from models.optimizers import build_optimizer
-    from models.strategy import make_strategy
+    from models.strategy import make_strategy, worker_dirs
+    from models.tasks.pretrain import pretrain_metrics
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
     strategy = make_strategy("multi_worker")
@@ -173,14 +167,19 @@ def _worker_main(index: int, ports: list[int], out_dir: str) -> None:
     with strategy.scope():
         model = _model(global_bn=True)
         optimizer = build_optimizer("lars", 0.5, momentum=0.9, weight_decay=1e-4)
-        metrics = train_loop.make_metrics("pretrain")
+        metrics = pretrain_metrics()
     init = model.get_weights()
 
     def make_dataset(ctx: tf.distribute.InputContext, skip: int) -> tf.data.Dataset:
         b = ctx.get_per_replica_batch_size(GLOBAL_BATCH)
         return tf.data.Dataset.from_tensors(_batch(10 + ctx.input_pipeline_id, b)).repeat()
 
-    work = pathlib.Path(out_dir) / f"worker{index}"
+    # Both workers are pointed at the same run directories, as Trainer replicas are; only the
+    # chief may write there.
+    shared = pathlib.Path(out_dir) / "shared"
+    ckpt_dir, summary_dir = worker_dirs(
+        strategy, str(shared / "checkpoints"), str(shared / "train")
+    )
     settings = train_loop.LoopSettings(
         stage="pretrain",
         total_steps=WORKER_STEPS,
@@ -197,13 +196,15 @@ def _worker_main(index: int, ports: list[int], out_dir: str) -> None:
         make_dataset,
         metrics,
         settings,
-        checkpoint_dir=str(work / "checkpoints"),
-        summary_dir=str(work / "train"),
+        checkpoint_dir=ckpt_dir,
+        summary_dir=summary_dir,
+        restore_dir=str(shared / "checkpoints"),
     )
     np.savez(
         pathlib.Path(out_dir) / f"worker{index}.npz",
         step=step,
         replicas=strategy.num_replicas_in_sync,
+        dirs=np.array([ckpt_dir, summary_dir]),
         **{f"init_{i}": w for i, w in enumerate(init)},
         **{f"final_{i}": w for i, w in enumerate(model.get_weights())},
     )
@@ -278,8 +279,13 @@ def test_multi_worker_two_processes_agree_on_weights(tmp_path):
         np.testing.assert_allclose(w0[f"final_{i}"], w1[f"final_{i}"], rtol=0, atol=1e-6)
     moved = max(float(np.max(np.abs(w0[f"final_{i}"] - w0[f"init_{i}"]))) for i in range(n))
     assert moved > 1e-4
-    for i in range(2):
-        assert (tmp_path / f"worker{i}" / "checkpoints" / "checkpoint").exists()
+    # Only the chief (worker 0) wrote to the shared directories; worker 1 wrote to scratch.
+    shared = tmp_path / "shared"
+    assert list(w0["dirs"]) == [str(shared / "checkpoints"), str(shared / "train")]
+    assert all(not d.startswith(str(tmp_path)) for d in w1["dirs"])
+    assert (shared / "checkpoints" / "checkpoint").exists()
+    assert len(list((shared / "train").glob("events.out.tfevents.*"))) == 1
+    assert pathlib.Path(w1["dirs"][0], "checkpoint").exists()  # the collective save ran there
 
 
 if __name__ == "__main__":

@@ -1,18 +1,29 @@
 """The exported SavedModel as a client sees it: loaded in a process that imports only TensorFlow,
-fed raw JPEG tf.Examples and float images, compared with the same weights run in-process."""
+fed raw JPEG tf.Examples and float images, compared with the same weights run in-process; and
+the serving input pipeline's pixels for JPEG storage, through a model that echoes its input."""
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import pathlib
 
+import apache_beam as beam
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_transform as tft
+import tensorflow_transform.beam as tft_beam
+import tf_keras as keras
+from PIL import Image
+from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 
 from models import export
 from models.model import ENDPOINTS, SimCLRModel
 from tests.models import fixtures
+from tests.models import image_reference as ref
+from transform import preprocessing as tp
 
 # Only TensorFlow (and the standard library): outputs go to disk as serialized tensors.
 _CLIENT = """
@@ -150,3 +161,74 @@ def test_restore_backbone_takes_resnet_and_projection_head_only(pretrain_run):
         np.testing.assert_array_equal(g, before)
         if before.ndim == 2:
             assert not np.allclose(g, trained)
+
+
+# ----- serving input for JPEG storage -----
+
+
+class _Echo(keras.Model):
+    """Its logits are the flattened input images, so the served probabilities reveal the exact
+    pixels the serving signature fed to the model (log p = pixel - constant)."""
+
+    def __init__(self, image_size: int):
+        super().__init__()
+        self.image_size = image_size
+        self.num_classes = image_size * image_size * 3
+
+    def call(self, images: tf.Tensor, training: bool = False) -> dict[str, tf.Tensor]:
+        return {"logits_sup": tf.reshape(images, [tf.shape(images)[0], -1])}
+
+
+def _jpeg_transform_output(out_dir: pathlib.Path, stored_size: int) -> tft.TFTransformOutput:
+    """A Transform graph that stores JPEGs, analyzed with tf.Transform's Beam implementation."""
+    spec = {
+        "image": tf.io.FixedLenFeature([], tf.string),
+        "label": tf.io.FixedLenFeature([], tf.int64),
+    }
+    metadata = dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(spec))
+    png = tf.io.encode_png(tf.zeros([8, 8, 3], tf.uint8)).numpy()
+    fn = functools.partial(
+        tp.preprocessing_fn, custom_config={"image_size": stored_size, "image_format": "jpeg"}
+    )
+    with beam.Pipeline() as pipeline:
+        with tft_beam.Context(temp_dir=str(out_dir / "tmp")):
+            raw = pipeline | beam.Create([{"image": png, "label": 0}], reshuffle=False)
+            transform_fn = (raw, metadata) | tft_beam.AnalyzeDataset(fn)
+            _ = transform_fn | tft_beam.WriteTransformFn(str(out_dir))
+            _ = metadata | tft_beam.WriteMetadata(
+                str(out_dir / tft.TFTransformOutput.RAW_METADATA_DIR), pipeline
+            )
+    return tft.TFTransformOutput(str(out_dir))
+
+
+def test_serving_default_center_crops_the_whole_stored_jpeg(tmp_path):
+    """serving_default of a JPEG-storing pipeline decodes the stored (aspect-preserving) image
+    and feeds the model the reference's eval view: the centred square of 0.875 of the shorter
+    side, bicubic-resized; compared with PIL decoding and a NumPy crop + resize."""
+    stored_size, image_size = 48, 40
+    source = np.random.default_rng(0).integers(0, 256, [60, 90, 3], dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(source).save(buffer, "PNG")
+    data = buffer.getvalue()
+    model = _Echo(image_size)
+    module = export.ServingModule(
+        model,
+        _jpeg_transform_output(tmp_path / "transform", stored_size),
+        [str(i) for i in range(model.num_classes)],
+        stored_size,
+        "jpeg",
+    )
+    # The function exported as serving_default (the SavedModel round trip is tested above).
+    feature = tf.train.Feature(bytes_list=tf.train.BytesList(value=[data]))
+    example = tf.train.Example(features=tf.train.Features(feature={"image": feature}))
+    probabilities = module.serve_examples(tf.constant([example.SerializeToString()]))[
+        "probabilities"
+    ]
+    served = np.log(probabilities.numpy()[0].astype(np.float64))
+
+    # What Transform stores for this file, decoded independently: 48x72, the whole image.
+    stored = ref.decode(tp._encode_images(tf.constant([data]), stored_size, "jpeg").numpy()[0])
+    assert stored.shape == (48, 72, 3)
+    expected = ref.resize(ref.center_crop(stored / 255.0, 0.875), image_size, image_size)
+    expected = np.clip(expected, 0.0, 1.0).reshape(-1)
+    np.testing.assert_allclose(served - served.mean(), expected - expected.mean(), atol=2e-3)

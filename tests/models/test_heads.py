@@ -91,16 +91,29 @@ def test_nonlinear_mode_matches_numpy_mlp_and_exposes_hiddens():
 
 
 def test_projection_head_inference_uses_moving_statistics():
+    """Inference BN uses the moving mean/variance, then gamma/beta. Every statistic is set to a
+    random value first: with fresh ones (0, 1, 1, 0) BN is the identity up to 5e-6, which a
+    head that skipped BN, or ignored the moving statistics, would also pass."""
     head = ProjectionHead("nonlinear", out_dim=4, num_layers=2)
     x = _features()
+    head(x, training=False)
+    _randomize(head)
+    rng = np.random.default_rng(2)
+    for layer in head.linear_layers:
+        bn = layer.batch_normalization
+        bn.moving_mean.assign(rng.normal(size=bn.moving_mean.shape))
+        bn.moving_variance.assign(rng.uniform(0.5, 2.0, bn.moving_variance.shape))
     out, hiddens = head(x, training=False)
-    # Fresh moving stats (0, 1), gamma 1, beta 0: BN only rescales by 1/sqrt(1 + eps).
-    scale = 1.0 / np.sqrt(1.0 + BATCH_NORM_EPSILON)
-    w0 = head.linear_layers[0].dense.kernel.numpy()
-    w1 = head.linear_layers[1].dense.kernel.numpy()
-    h1 = np.maximum(x.numpy() @ w0 * scale, 0)
-    np.testing.assert_allclose(hiddens[1].numpy(), h1, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(out.numpy(), h1 @ w1 * scale, rtol=1e-5, atol=1e-7)
+
+    expected = x.numpy().astype(np.float64)
+    for i, layer in enumerate(head.linear_layers):
+        bn = layer.batch_normalization
+        z = expected @ layer.dense.kernel.numpy()
+        z = (z - bn.moving_mean.numpy()) / np.sqrt(bn.moving_variance.numpy() + BATCH_NORM_EPSILON)
+        z = z * bn.gamma.numpy() + (0.0 if bn.beta is None else bn.beta.numpy())
+        expected = np.maximum(z, 0) if i == 0 else z
+        np.testing.assert_allclose(hiddens[i + 1].numpy(), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out.numpy(), hiddens[-1].numpy())
 
 
 def test_projection_head_variable_names_and_initializer():

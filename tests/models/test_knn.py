@@ -138,8 +138,6 @@ def _scalars(event_dir: pathlib.Path, tag: str) -> dict[int, float]:
 
 
 def test_trainer_logs_knn_every_epoch(cifar_dir, transformed, tmp_path, capsys):
-    from models.trainer import run_stage
-
     # 80 training images at batch 16: 5 steps per epoch. Checkpoints at 3, 6 and 7, so the
     # monitor runs at 6 (first checkpoint after the epoch boundary at 5) and at the end.
     config = fixtures.tiny_config(
@@ -152,7 +150,7 @@ def test_trainer_logs_knn_every_epoch(cifar_dir, transformed, tmp_path, capsys):
         },
     )
     kwargs = fixtures.run_stage_args(transformed, tmp_path)
-    run_stage(config, "pretrain", **kwargs)
+    fixtures.run_stage(config, "pretrain", **kwargs)
     out = capsys.readouterr().out
 
     lines = [line for line in out.splitlines() if knn.METRIC in line]

@@ -5,7 +5,10 @@ import tf_keras as keras
 
 from models.lars import LARS
 
-MOMENTUM, WEIGHT_DECAY, EETA = 0.9, 0.01, 0.001
+# Large decay and trust coefficient on purpose: with the reference's 1e-6 / 0.001 the decay term
+# moves a weight by less than a float32 comparison can resolve, so a test could not tell whether
+# it was applied. Here decay and trust ratio each change every step by percents or more.
+MOMENTUM, WEIGHT_DECAY, EETA = 0.9, 0.5, 0.1
 
 
 def _numpy_lars_step(w, m, g, lr, decay, adapt, weight_decay=WEIGHT_DECAY):
@@ -61,13 +64,21 @@ def test_two_steps_match_numpy(adaptation_excludes, adapted):
     )
     got = _run(optimizer, init, grads)
 
-    for name, w in init.items():
-        m = np.zeros_like(w)
+    def numpy_run(name, decay, adapt):
+        w, m = init[name], np.zeros_like(init[name])
         for step_grads in grads:
-            w, m = _numpy_lars_step(
-                w, m, step_grads[name], lr, decay=name == "dense/kernel", adapt=name in adapted
-            )
-        np.testing.assert_allclose(got[name], w, rtol=1e-5, atol=1e-7, err_msg=name)
+            w, m = _numpy_lars_step(w, m, step_grads[name], lr, decay=decay, adapt=adapt)
+        return w
+
+    rtol = 1e-5
+    for name in init:
+        decay, adapt = name == "dense/kernel", name in adapted
+        expected = numpy_run(name, decay, adapt)
+        np.testing.assert_allclose(got[name], expected, rtol=rtol, err_msg=name)
+        # Flipping either exclusion moves the result by over 100 tolerances.
+        for wrong in [(not decay, adapt), (decay, not adapt)]:
+            gap = np.abs(numpy_run(name, *wrong) - expected) / np.abs(expected)
+            assert gap.max() > 100 * rtol, (name, wrong)
 
 
 def test_learning_rate_schedule_is_followed():

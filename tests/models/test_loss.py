@@ -92,6 +92,47 @@ def test_metrics_on_hand_made_logits():
     assert np.isclose(entropy(rows[1]), np.log(4), rtol=1e-6)
 
 
+def _numpy_view2_block_metrics(hidden: np.ndarray, temperature: float) -> tuple[float, float]:
+    """Top-1 accuracy and mean softmax entropy of each view-1 anchor scored against the B view-2
+    rows only (its positive and the other images' second views)."""
+    z = hidden.astype(np.float64) / np.linalg.norm(hidden, axis=1, keepdims=True)
+    b = z.shape[0] // 2
+    logits = z[:b] @ z[b:].T / temperature
+    accuracy = float(np.mean(logits.argmax(axis=1) == np.arange(b)))
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    entropy = float(np.mean(-(p * np.log(p)).sum(axis=1)))
+    return accuracy, entropy
+
+
+def test_logged_metrics_use_the_view2_block_of_view1_anchors():
+    """contrast_acc/contrast_entropy as the training step logs them: contrastive_metrics on the
+    first half of the loss's logits/labels columns (view-1 anchors against view-2 rows).
+
+    Images 0/1 and 2/3 have near-identical first views, so over the full row those anchors pick
+    their twin's view 1 instead of their positive, and the extra candidates raise the entropy:
+    the full-row metrics differ from the reference by 1/3 in accuracy and ~0.4 in entropy.
+    """
+    rng = np.random.default_rng(4)
+    b, dim, temperature = 6, 8, 0.2
+    view1 = rng.normal(size=(b, dim))
+    view1[1] = view1[0] + 0.05 * rng.normal(size=dim)
+    view1[3] = view1[2] + 0.05 * rng.normal(size=dim)
+    view2 = view1 + 0.4 * rng.normal(size=(b, dim))
+    hidden = np.concatenate([view1, view2]).astype(np.float32)
+
+    con = nt_xent_loss(tf.constant(hidden), temperature)
+    half = tf.shape(con.logits)[1] // 2
+    logged = contrastive_metrics(con.logits[:, :half], con.labels[:, :half])
+    full_row = contrastive_metrics(con.logits, con.labels)
+
+    accuracy, entropy = _numpy_view2_block_metrics(hidden, temperature)
+    assert logged["contrast_acc"].numpy() == pytest.approx(accuracy, abs=1e-6)
+    np.testing.assert_allclose(logged["contrast_entropy"].numpy(), entropy, rtol=1e-5)
+    assert abs(full_row["contrast_acc"].numpy() - accuracy) > 0.3
+    assert abs(full_row["contrast_entropy"].numpy() - entropy) > 0.3
+
+
 _CROSS_REPLICA_SCRIPT = textwrap.dedent(
     """
     import json
@@ -135,6 +176,8 @@ _CROSS_REPLICA_SCRIPT = textwrap.dedent(
         return strategy.run(replica_fn, args=(x,))
 
     losses, grads, logits, labels = step(inputs)
+    # What each replica would compute with only its own negatives.
+    local_losses = [float(nt_xent_loss(tf.constant(h), temperature).loss) for h in local]
     unpack = lambda v: [t.numpy() for t in strategy.experimental_local_results(v)]
     grads = unpack(grads)
     global_grad = np.concatenate(
@@ -143,6 +186,7 @@ _CROSS_REPLICA_SCRIPT = textwrap.dedent(
     print(json.dumps({
         "single_loss": float(single.loss.numpy()),
         "replica_losses": [float(v) for v in unpack(losses)],
+        "local_losses": local_losses,
         "grad_max_err": float(np.abs(global_grad - single_grad).max()),
         "logits": [v.tolist() for v in unpack(logits)],
         "labels": [v.tolist() for v in unpack(labels)],
@@ -153,6 +197,9 @@ _CROSS_REPLICA_SCRIPT = textwrap.dedent(
 
 
 def test_cross_replica_negatives_match_single_device():
+    """Per-replica losses with negatives gathered from all replicas average to the single-device
+    loss. The same anchors with local negatives only differ by far more than the tolerance, so
+    a missing or misplaced gather cannot pass."""
     env = dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run(
         [sys.executable, "-c", _CROSS_REPLICA_SCRIPT],
@@ -167,6 +214,7 @@ def test_cross_replica_negatives_match_single_device():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
 
     np.testing.assert_allclose(np.mean(result["replica_losses"]), result["single_loss"], atol=1e-5)
+    assert abs(np.mean(result["local_losses"]) - result["single_loss"]) > 0.1
     assert result["grad_max_err"] < 1e-5
     b = 3
     single_logits = np.array(result["single_logits"])

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from models.config import ModelConfig
 from models.model import ENDPOINTS, SimCLRModel
-from pipeline.configs import ModelConfig
 
 NUM_CLASSES = 5
 

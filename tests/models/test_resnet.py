@@ -67,6 +67,39 @@ def _np_bn_inference(x: np.ndarray) -> np.ndarray:
     return x / np.sqrt(1.0 + BATCH_NORM_EPSILON)
 
 
+def _randomize_bn(bn: keras.layers.BatchNormalization, seed: int) -> None:
+    """Random statistics and affine terms, so that inference BN is far from the identity."""
+    rng = np.random.default_rng(seed)
+    bn.gamma.assign(rng.uniform(0.5, 2.0, bn.gamma.shape))
+    bn.beta.assign(rng.normal(size=bn.beta.shape))
+    bn.moving_mean.assign(rng.normal(size=bn.moving_mean.shape))
+    bn.moving_variance.assign(rng.uniform(0.5, 2.0, bn.moving_variance.shape))
+
+
+def _np_bn_relu(x: np.ndarray, bn: keras.layers.BatchNormalization) -> np.ndarray:
+    scale = bn.gamma.numpy() / np.sqrt(bn.moving_variance.numpy() + BATCH_NORM_EPSILON)
+    return np.maximum((x - bn.moving_mean.numpy()) * scale + bn.beta.numpy(), 0.0)
+
+
+def _np_max_pool_3x3_stride2_same(x: np.ndarray) -> np.ndarray:
+    """'SAME' max pooling: output ceil(n / 2), padding split with the extra pixel after."""
+    n = x.shape[1]
+    out = -(-n // 2)
+    total = max((out - 1) * 2 + 3 - n, 0)
+    before = total // 2
+    padded = np.pad(
+        x,
+        [(0, 0), (before, total - before), (before, total - before), (0, 0)],
+        constant_values=-np.inf,
+    )
+    windows = [
+        padded[:, dy : dy + 2 * out : 2, dx : dx + 2 * out : 2]
+        for dy in range(3)
+        for dx in range(3)
+    ]
+    return np.max(windows, axis=0)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -107,13 +140,16 @@ def test_resnet18_cifar_stem_endpoint_shapes():
     assert {k: tuple(v.shape) for k, v in endpoints.items()} == expected
     assert set(ENDPOINTS) == set(expected)
     assert model.output_dim == 512
-    # The CIFAR stem has no pooling: its output is BN-ReLU of the conv, hence non-negative.
-    assert np.all(endpoints["initial_max_pool"].numpy() >= 0)
+    # The CIFAR stem has no pooling: its output is BN-ReLU of the conv (BN randomized so that
+    # skipping it, or using batch statistics, would show).
+    bn = model.stem.norms[0].batch_normalization
+    _randomize_bn(bn, seed=1)
+    endpoints = model(_images(2, 32), training=False)
     np.testing.assert_allclose(
         endpoints["initial_max_pool"].numpy(),
-        np.maximum(_np_bn_inference(endpoints["initial_conv"].numpy()), 0),
+        _np_bn_relu(endpoints["initial_conv"].numpy(), bn),
         rtol=1e-5,
-        atol=1e-6,
+        atol=1e-5,
     )
 
 
@@ -131,6 +167,15 @@ def test_resnet50_imagenet_stem_endpoint_shapes_and_pooling():
     }
     assert {k: tuple(v.shape) for k, v in endpoints.items()} == expected
     assert model.output_dim == 2048
+    bn = model.stem.norms[0].batch_normalization
+    _randomize_bn(bn, seed=2)
+    endpoints = model(_images(2, 64), training=False)
+    np.testing.assert_allclose(
+        endpoints["initial_max_pool"].numpy(),
+        _np_max_pool_3x3_stride2_same(_np_bn_relu(endpoints["initial_conv"].numpy(), bn)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     np.testing.assert_allclose(
         endpoints["final_avg_pool"].numpy(),
         endpoints["block_group4"].numpy().mean(axis=(1, 2)),

@@ -2,6 +2,7 @@ import math
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tf_keras as keras
 
 from models.schedule import (
@@ -78,5 +79,12 @@ def test_config_round_trip_and_optimizer_use():
         keras.optimizers.schedules.serialize(schedule)
     )
     assert isinstance(restored, WarmUpAndCosineDecay)
-    optimizer = keras.optimizers.SGD(schedule)
-    assert float(optimizer.learning_rate) == pytest.approx(0.0)
+    # An optimizer steps with the rate at its own counter (warmup is 1.5 * 500 // 64 = 11 steps).
+    optimizer = keras.optimizers.SGD(restored)
+    weight = tf.Variable([0.0, 0.0])
+    for step in [5, 20]:
+        optimizer.iterations.assign(step)
+        before = weight.numpy()
+        optimizer.apply_gradients([(tf.constant([1.0, -1.0]), weight)])
+        expected = _numpy_schedule(step, 0.2 * 8, 11, 30)
+        np.testing.assert_allclose(before - weight.numpy(), [expected, -expected], rtol=1e-5)

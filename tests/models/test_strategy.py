@@ -9,10 +9,11 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from models import train_loop
+from models.config import PretrainConfig
 from models.model import ENDPOINTS, SimCLRModel
 from models.optimizers import build_optimizer
 from models.strategy import make_strategy, set_precision, wrap_optimizer
+from models.tasks.pretrain import contrastive_step, pretrain_metrics
 from tests.models import fixtures
 
 
@@ -64,19 +65,9 @@ def _pretrain_steps(dtype: str, steps: int) -> dict:
     tf.keras.utils.set_random_seed(0)
     model = _tiny_model()
     optimizer = wrap_optimizer(build_optimizer("lars", 0.5, 0.9, 1e-4), dtype)
-    metrics = train_loop.make_metrics("pretrain")
-    step = tf.function(
-        train_loop.pretrain_step(
-            model,
-            optimizer,
-            metrics,
-            temperature=0.5,
-            hidden_norm=True,
-            lineareval=True,
-            weight_decay=1e-4,
-            optimizer_name="lars",
-        )
-    )
+    metrics = pretrain_metrics()
+    train = PretrainConfig(temperature=0.5, weight_decay=1e-4, optimizer="lars")
+    step = tf.function(contrastive_step(model, optimizer, metrics, train))
     rng = np.random.default_rng(0)
     view1 = rng.uniform(size=(8, 16, 16, 3)).astype(np.float32)
     view2 = np.clip(view1 + rng.normal(scale=0.05, size=view1.shape), 0, 1).astype(np.float32)
@@ -130,13 +121,11 @@ def test_float16_steps_use_dynamic_loss_scaling():
 
 
 def test_bfloat16_trainer_stage_serves_float32(cifar_dir, transformed, tmp_path, capsys):
-    from models.trainer import run_stage
-
     config = fixtures.tiny_config(
         cifar_dir, **{"runtime.mixed_precision": "bfloat16", "pretrain.train_steps": 2}
     )
     kwargs = fixtures.run_stage_args(transformed, tmp_path)
-    results = run_stage(config, "pretrain", **kwargs)
+    results = fixtures.run_stage(config, "pretrain", **kwargs)
     assert "pretrain step 2/2" in capsys.readouterr().out
     assert 0.0 <= results["eval/label_top_1_accuracy"] <= 1.0
 

@@ -12,10 +12,11 @@ import tf_keras as keras
 
 from models import data as data_lib
 from models import train_loop
+from models.config import ModelConfig, PretrainConfig
 from models.model import SimCLRModel
 from models.optimizers import build_optimizer
 from models.schedule import WarmUpAndCosineDecay
-from pipeline.configs import ModelConfig
+from models.tasks.pretrain import contrastive_step, pretrain_metrics
 from tests.models import fixtures
 
 SPEC = data_lib.ImageSpec(stored_size=32, image_format="raw", image_size=32)
@@ -74,17 +75,9 @@ def _dataset_fn(images: np.ndarray, labels: np.ndarray, batch: int):
 
 
 def _run(model, optimizer, make_dataset, run_dir: pathlib.Path, total_steps: int, **settings):
-    metrics = train_loop.make_metrics("pretrain")
-    step_fn = train_loop.pretrain_step(
-        model,
-        optimizer,
-        metrics,
-        temperature=0.5,
-        hidden_norm=True,
-        lineareval=True,
-        weight_decay=1e-4,
-        optimizer_name="momentum",
-    )
+    metrics = pretrain_metrics()
+    train = PretrainConfig(temperature=0.5, weight_decay=1e-4, optimizer="momentum")
+    step_fn = contrastive_step(model, optimizer, metrics, train)
     loop = train_loop.LoopSettings(
         stage="pretrain",
         total_steps=total_steps,

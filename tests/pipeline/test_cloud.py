@@ -1,7 +1,13 @@
-"""Cloud helpers offline: flag validation, Dataflow and Vertex arguments, the labeled subset, and
-the storage cost of Transform's image encodings on real photographs."""
+"""Cloud helpers offline: flag validation, the batch-size memory check, Dataflow and Vertex
+arguments, the endpoint pusher's undeploying, the TPU image layout, the labeled subset, and the
+storage cost of Transform's image encodings on real photographs."""
 
 import gzip
+import importlib.util
+import pathlib
+import re
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -12,6 +18,8 @@ from models import data as data_lib
 from pipeline import cli, cloud, configs
 from tests.imagenet_fixture import write_imagenet_fixture
 from transform import preprocessing as tp
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 REQUIRED = {"project": "my-proj", "region": "us-central1", "bucket": "gs://my-bucket"}
 
@@ -44,6 +52,8 @@ def test_each_required_flag_is_named(missing):
         ({"bucket": "my-bucket"}, "bucket"),
         ({"bucket": "gs://Bad_Bucket"}, "bucket"),
         ({"trainer_accelerator": "tpu_v9"}, "trainer_accelerator"),
+        # TF >= 2.15 needs the PJRT runtime on v5e, which no job has proven in our image yet.
+        ({"trainer_accelerator": "tpu_v5e"}, "trainer_accelerator"),
         ({"dataflow_max_workers": 0}, "dataflow_max_workers"),
         ({"trainer_accelerator_count": 4}, "trainer_accelerator_count"),
         (
@@ -113,14 +123,9 @@ def test_dataflow_args_come_from_flags():
             {"machine_type": "cloud-tpu", "accelerator_type": "TPU_V3", "accelerator_count": 8},
         ),
         (
-            "tpu_v5e",
+            "tpu_v2",
             0,
-            {
-                "machine_type": "ct5lp-hightpu-8t",
-                "accelerator_type": "TPU_V5_LITEPOD",
-                "accelerator_count": 8,
-                "tpu_topology": "2x4",
-            },
+            {"machine_type": "cloud-tpu", "accelerator_type": "TPU_V2", "accelerator_count": 8},
         ),
         (
             "a100",
@@ -142,7 +147,8 @@ def test_worker_pool_machine_specs(accelerator, count, expected):
     assert pool["machine_spec"] == expected
     assert pool["replica_count"] == 1
     registry = "us-central1-docker.pkg.dev/my-proj/simclr"
-    image = "simclr-tfx-tpu" if accelerator.startswith("tpu") else "simclr-tfx"
+    image = {"tpu_v2": "simclr-tfx-tpu", "tpu_v3": "simclr-tfx-tpu", "a100": "simclr-tfx-gpu"}
+    image = image.get(accelerator, "simclr-tfx")
     assert pool["container_spec"]["image_uri"] == f"{registry}/{image}:latest"
 
 
@@ -290,7 +296,439 @@ def test_jpeg_storage_is_a_fraction_of_raw_pixels(tmp_path):
     )
     assert min(sizes["raw"]) >= 256 * 256 * 3 and max(sizes["raw"]) < 256 * 256 * 3 + 200
     assert jpeg < raw / 3
-    # Both stored forms decode back to the 256x256 image the Trainer crops from.
-    assert tp.decode_stored_image(
-        tp._encode_images(tf.constant([files[0].read_bytes()]), 256, "jpeg")[0], 256, "jpeg"
-    ).shape == (256, 256, 3)
+    # Both stored forms decode back to what the Trainer crops from: the raw 256x256 square, the
+    # whole photo with its shorter side at 256 for JPEG.
+    original = tf.io.decode_jpeg(files[0].read_bytes())
+    for image_format in ("raw", "jpeg"):
+        stored = tp._encode_images(tf.constant([files[0].read_bytes()]), 256, image_format)[0]
+        shape = tp.decode_stored_image(stored, 256, image_format).shape
+        if image_format == "raw":
+            assert shape == (256, 256, 3)
+        else:
+            assert min(shape[:2]) == 256 and shape[2] == 3
+            ratio = original.shape[1] / original.shape[0]
+            assert shape[1] / shape[0] == pytest.approx(ratio, rel=0.01)
+
+
+# ----- pipeline name -----
+
+
+def test_pipeline_name_is_checked_before_compiling():
+    """Same rule as KubeflowV2DagRunner, but a one-line error naming the flag up front."""
+    from tfx.orchestration.kubeflow.v2 import pipeline_builder
+
+    names = ["simclr", "simclr-smoke-1", "0x", "a" * 128, "My_Pipeline", "-x", "a b", "a" * 129]
+    for name in names:
+        config, _ = parse(GCS_ARGS + [f"--pipeline_name={name}"])
+        try:
+            pipeline_builder._check_name(name)
+            tfx_accepts = True
+        except ValueError:
+            tfx_accepts = False
+        if tfx_accepts:
+            cloud.validate_cloud_config(config)
+            continue
+        with pytest.raises(configs.ConfigError) as info:
+            cloud.validate_cloud_config(config)
+        message = str(info.value)
+        assert message.startswith("--pipeline_name: ") and "\n" not in message
+        assert repr(name) in message
+
+
+# ----- does the batch fit the accelerator's memory? -----
+
+
+def test_activation_count_matches_the_resnet(monkeypatch):
+    """`activation_elements` counts exactly the conv (and max-pool) outputs models/resnet.py
+    produces, at odd sizes too, so the memory check follows the real network."""
+    from models import resnet
+
+    assert cloud._BLOCKS_PER_GROUP == resnet.BLOCKS_PER_GROUP
+    sizes: list[int] = []
+    original = resnet.FixedPaddingConv2D.call
+
+    def recording_call(self, inputs):
+        out = original(self, inputs)
+        sizes.append(int(tf.size(out)))
+        return out
+
+    monkeypatch.setattr(resnet.FixedPaddingConv2D, "call", recording_call)
+    for depth, width, size in [(50, 0.125, 70), (18, 0.25, 64), (34, 0.125, 32)]:
+        sizes.clear()
+        model = resnet.ResNet(depth, width, cifar_stem=size <= 32)
+        endpoints = model(tf.zeros([1, size, size, 3]), training=True)
+        pooled = 0 if size <= 32 else int(tf.size(endpoints["initial_max_pool"]))
+        assert cloud.activation_elements(depth, width, size) == sum(sizes) + pooled, depth
+
+
+def _imagenet(*extra: str) -> tuple[configs.SimCLRConfig, cloud.CloudOptions]:
+    return parse(GCS_ARGS + ["--eval_split=validation", *extra])
+
+
+def test_a_batch_that_cannot_fit_the_tpu_is_rejected_with_the_arithmetic():
+    config, options = _imagenet("--train_batch_size=4096")
+    with pytest.raises(configs.ConfigError) as info:
+        cloud.check_batch_fits(config, options)
+    message = str(info.value)
+    # ResNet-50 at 224 px: 11,314,688 elements x 2 kept tensors x 2 bytes (bfloat16) = 43 MiB.
+    assert cloud.activation_elements(50, 1, 224) == 11_314_688
+    assert message == (
+        "--train_batch_size: 4096 does not fit tpu_v3 (8 x 16 GiB): 512 images x 2 views per "
+        "core x 43 MiB of ResNet-50 (width 1) activations at 224 px in bfloat16 + 1 GiB = "
+        "44.2 GiB > 16 GiB; at most 1416 fits (177 per core)"
+    )
+    # What the docs recommend on a v3-8 passes; just above the limit does not.
+    cloud.check_batch_fits(*_imagenet("--train_batch_size=1024"))
+    cloud.check_batch_fits(*_imagenet("--train_batch_size=1416"))
+    with pytest.raises(configs.ConfigError, match="^--train_batch_size: 1424 does not fit"):
+        cloud.check_batch_fits(*_imagenet("--train_batch_size=1424"))
+
+
+@pytest.mark.parametrize(
+    "extra, flag",
+    [
+        # One view when fine-tuning: twice the pretraining batch fits.
+        (["--finetune_train_batch_size=2816"], None),
+        (["--finetune_train_batch_size=2880"], "finetune_train_batch_size"),
+        # float32 keeps twice the bytes.
+        (["--train_batch_size=1024", "--mixed_precision=float32"], "train_batch_size"),
+        # v2 cores have half the memory of v3 cores.
+        (["--trainer_accelerator=tpu_v2", "--train_batch_size=1024"], "train_batch_size"),
+        (["--trainer_accelerator=tpu_v2", "--train_batch_size=512"], None),
+        # Two 40 GiB A100s hold 2 x 462 images x 2 views.
+        (
+            [
+                "--trainer_accelerator=a100",
+                "--trainer_accelerator_count=2",
+                "--train_batch_size=1024",
+            ],
+            "train_batch_size",
+        ),
+        (
+            [
+                "--trainer_accelerator=a100",
+                "--trainer_accelerator_count=2",
+                "--train_batch_size=896",
+            ],
+            None,
+        ),
+        # The student's depth counts for distillation.
+        (
+            ["--distill", "--distill_resnet_depth=152", "--distill_train_batch_size=2048"],
+            "distill_train_batch_size",
+        ),
+        (["--distill", "--distill_resnet_depth=18", "--distill_train_batch_size=2048"], None),
+        # With --train_mode=finetune the single stage's flag has no prefix.
+        (["--train_mode=finetune", "--train_batch_size=4096"], "train_batch_size"),
+        # No limit is known for CPU machines.
+        (["--trainer_accelerator=cpu", "--train_batch_size=65536"], None),
+    ],
+)
+def test_batch_check_per_stage_precision_and_hardware(extra, flag):
+    config, options = _imagenet(*extra)
+    if flag is None:
+        cloud.check_batch_fits(config, options)
+        return
+    with pytest.raises(configs.ConfigError) as info:
+        cloud.check_batch_fits(config, options)
+    assert str(info.value).startswith(f"--{flag}: ") and "\n" not in str(info.value)
+
+
+# ----- Vertex AI training job: restart in place -----
+
+
+def test_training_job_restarts_on_worker_restart_as_vertex_reads_it():
+    """The job spec goes through TFX's Vertex client into the CustomJob proto unchanged."""
+    from google.cloud.aiplatform_v1.types import custom_job
+    from tfx.extensions.google_cloud_ai_platform import training_clients
+
+    training = cloud.vertex_training_args(
+        cloud.CloudOptions(**REQUIRED, service_account="sa@my-proj.iam.gserviceaccount.com")
+    )
+    assert training["job_spec"]["scheduling"] == {"restart_job_on_worker_restart": True}
+    job_args = {k: v for k, v in training.items() if k != "project"}  # as start_cloud_training
+    client = training_clients.VertexJobClient.__new__(training_clients.VertexJobClient)
+    job = client.create_training_job({}, {}, {}, "x.Executor", job_args, None, None)
+    proto = custom_job.CustomJob(**job)
+    assert proto.job_spec.scheduling.restart_job_on_worker_restart is True
+    assert proto.job_spec.service_account == "sa@my-proj.iam.gserviceaccount.com"
+    (pool,) = proto.job_spec.worker_pool_specs
+    assert pool.machine_spec.accelerator_count == 8
+
+
+# ----- the compiled job uses the listing driver for class folders only -----
+
+
+def test_listing_driver_replaces_tfx_driver_only_for_the_image_example_gen():
+    from pipeline.image_example_gen.driver import VERTEX_DRIVER_COMMAND
+
+    tfx_driver = ["python", "-m", "tfx.orchestration.kubeflow.v2.file_based_example_gen.driver"]
+
+    def executor(executor_class: str) -> dict:
+        return {
+            "container": {
+                "args": ["--executor_class_path", executor_class, "--runner=DataflowRunner"],
+                "lifecycle": {"preCacheCheck": {"command": list(tfx_driver), "args": ["x"]}},
+            }
+        }
+
+    job = {
+        "pipelineSpec": {
+            "deploymentSpec": {
+                "executors": {
+                    "FileBasedExampleGen_executor": executor(
+                        "pipeline.image_example_gen.executor.ImageFolderExecutor"
+                    ),
+                    "ImportExampleGen_executor": executor(
+                        "tfx.components.example_gen.import_example_gen.executor.Executor"
+                    ),
+                    "Transform_executor": {"container": {"args": ["--executor_class_path", "t"]}},
+                }
+            }
+        }
+    }
+    assert cloud.use_listing_driver(job) == 1
+    executors = job["pipelineSpec"]["deploymentSpec"]["executors"]
+    image_hook = executors["FileBasedExampleGen_executor"]["container"]["lifecycle"]
+    assert image_hook["preCacheCheck"] == {"command": list(VERTEX_DRIVER_COMMAND), "args": ["x"]}
+    tfrecord_hook = executors["ImportExampleGen_executor"]["container"]["lifecycle"]
+    assert tfrecord_hook["preCacheCheck"]["command"] == tfx_driver
+
+
+# ----- the endpoint pusher undeploys what the new model replaces -----
+
+
+class FakeDeployed:
+    def __init__(self, deployed_id: str, model: str):
+        self.id, self.model = deployed_id, model
+
+
+class FakeEndpoint:
+    def __init__(self, name: str, models: list[FakeDeployed]):
+        self.resource_name = f"projects/123/locations/europe-west4/endpoints/{name}"
+        self.models = models
+        self.undeployed: list[str] = []
+
+    def list_models(self) -> list[FakeDeployed]:
+        return list(self.models)
+
+    def undeploy(self, deployed_model_id: str, sync: bool) -> None:
+        assert sync
+        self.models = [m for m in self.models if m.id != deployed_model_id]
+        self.undeployed.append(deployed_model_id)
+
+
+MODELS = "projects/123/locations/europe-west4/models"
+
+
+def _push(tmp_path, monkeypatch, endpoints, *, blessed=True, undeploy=True):
+    """Runs the endpoint Pusher's executor with Vertex replaced by fakes; returns the pushed
+    model artifact and the recorded deploy calls."""
+    from google.cloud import aiplatform
+    from tfx.extensions.google_cloud_ai_platform import runner
+    from tfx.types import Channel, standard_artifacts
+    from tfx.utils import path_utils
+
+    from pipeline import vertex_endpoint
+
+    deploys = []
+
+    def deploy(**kwargs):
+        deploys.append(kwargs)
+        new = FakeDeployed("d-new", f"{MODELS}/new")
+        endpoints[0].models.append(new)  # TFX deploys to the first endpoint of that name
+        return f"{MODELS}/new"
+
+    monkeypatch.setattr(runner, "deploy_model_for_aip_prediction", deploy)
+    monkeypatch.setattr(aiplatform, "init", lambda **kwargs: None)
+    monkeypatch.setattr(aiplatform.Endpoint, "list", staticmethod(lambda filter: endpoints))
+
+    model = standard_artifacts.Model()
+    model.uri = str(tmp_path / "model")
+    serving = pathlib.Path(path_utils.serving_model_dir(model.uri, False))
+    serving.mkdir(parents=True)
+    (serving / "saved_model.pb").write_bytes(b"pb")
+    blessing = standard_artifacts.ModelBlessing()
+    blessing.uri = str(tmp_path / "blessing")
+    blessing.set_int_custom_property("blessed", int(blessed))
+    pushed = standard_artifacts.PushedModel()
+    pushed.uri = str(tmp_path / "pushed")
+    options = cloud.CloudOptions(
+        **REQUIRED, vertex_endpoint="simclr-r50", keep_previous_deployments=not undeploy
+    )
+    component = cloud.vertex_pusher_factory(options)(
+        model=Channel(type=standard_artifacts.Model),
+        model_blessing=Channel(type=standard_artifacts.ModelBlessing),
+    )
+    assert isinstance(component, vertex_endpoint.EndpointPusher)
+    vertex_endpoint.Executor().Do(
+        {"model": [model], "model_blessing": [blessing]},
+        {"pushed_model": [pushed]},
+        {"custom_config": component.exec_properties["custom_config"]},
+    )
+    return pushed, deploys
+
+
+def test_endpoint_push_undeploys_the_previous_models(tmp_path, monkeypatch):
+    old = [FakeDeployed("d1", f"{MODELS}/m1"), FakeDeployed("d2", f"{MODELS}/m2@3")]
+    other = FakeEndpoint("e0", [FakeDeployed("x", f"{MODELS}/unrelated")])
+    endpoint = FakeEndpoint("e1", list(old))
+    # A second endpoint with the same display name that does not serve the new model.
+    pushed, deploys = _push(tmp_path, monkeypatch, [endpoint, other])
+    assert len(deploys) == 1 and deploys[0]["ai_platform_serving_args"]["endpoint_name"] == (
+        "simclr-r50"
+    )
+    assert pushed.get_int_custom_property("pushed") == 1
+    assert endpoint.undeployed == ["d1", "d2"]
+    assert [m.id for m in endpoint.models] == ["d-new"]
+    assert other.undeployed == []
+
+
+def test_endpoint_push_keeps_previous_models_when_asked_or_not_blessed(tmp_path, monkeypatch):
+    endpoint = FakeEndpoint("e1", [FakeDeployed("d1", f"{MODELS}/m1")])
+    _push(tmp_path / "keep", monkeypatch, [endpoint], undeploy=False)
+    assert endpoint.undeployed == [] and len(endpoint.models) == 2
+    endpoint = FakeEndpoint("e1", [FakeDeployed("d1", f"{MODELS}/m1")])
+    pushed, deploys = _push(tmp_path / "unblessed", monkeypatch, [endpoint], blessed=False)
+    assert deploys == [] and pushed.get_int_custom_property("pushed") == 0
+    assert endpoint.undeployed == []
+
+
+def test_failed_undeploy_is_one_line_that_says_what_still_bills(tmp_path, monkeypatch):
+    endpoint = FakeEndpoint("e1", [FakeDeployed("d1", f"{MODELS}/m1")])
+
+    def refuse(deployed_model_id: str, sync: bool) -> None:
+        raise PermissionError("403 aiplatform.endpoints.undeploy denied")
+
+    endpoint.undeploy = refuse
+    with pytest.raises(RuntimeError) as info:
+        _push(tmp_path, monkeypatch, [endpoint])
+    message = str(info.value)
+    assert "\n" not in message and "could not undeploy" in message
+    assert "403 aiplatform.endpoints.undeploy denied" in message
+
+
+def test_keep_previous_deployments_flag():
+    _, options = parse(GCS_ARGS + ["--vertex_endpoint=e"])
+    assert options.keep_previous_deployments is False
+    _, options = parse(GCS_ARGS + ["--vertex_endpoint=e", "--keep_previous_deployments"])
+    assert options.keep_previous_deployments is True
+
+
+# ----- the TPU trainer image: libtpu where TensorFlow looks for it -----
+
+
+def _tpu_image_module():
+    spec = importlib.util.spec_from_file_location("tpu_image", REPO_ROOT / "docker/tpu_image.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_site(site: pathlib.Path, *, libtpu_version="2.16.0rc0", pinned="2.16.0rc0") -> None:
+    """site-packages as pip leaves it after `pip install tensorflow-tpu==2.16.2`: libtpu.so
+    only inside the libtpu package (wheel layout of the real libtpu distribution)."""
+    (site / "libtpu").mkdir(parents=True)
+    (site / "libtpu" / "__init__.py").write_text("")
+    (site / "libtpu" / "libtpu.so").write_bytes(b"\x7fELF" + b"\x02\x01\x01" + bytes(200))
+    info = site / f"libtpu-{libtpu_version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: libtpu\nVersion: {libtpu_version}\n"
+    )
+    (info / "RECORD").write_text(
+        f"libtpu/__init__.py,,\nlibtpu/libtpu.so,,\n{info.name}/METADATA,,\n{info.name}/RECORD,,\n"
+    )
+    tf_info = site / "tensorflow_tpu-2.16.2.dist-info"
+    tf_info.mkdir()
+    (tf_info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: tensorflow-tpu\nVersion: 2.16.2\n"
+        f"Requires-Dist: absl-py >=1.0.0\nRequires-Dist: libtpu =={pinned}\n"
+    )
+
+
+def test_tpu_image_places_libtpu_in_lib_and_checks_the_layout(tmp_path):
+    tpu_image = _tpu_image_module()
+    site, root = tmp_path / "site", tmp_path / "root"
+    _fake_site(site)
+    env = {"TPU_LIBRARY_PATH": "/lib/libtpu.so"}
+    # The image before this fix: libtpu.so only in site-packages.
+    with pytest.raises(tpu_image.ImageError, match="^/lib/libtpu.so is missing"):
+        tpu_image.check(str(root), [str(site)], env)
+    installed = tpu_image.install_libtpu(str(root), [str(site)])
+    assert installed == root / "lib" / "libtpu.so"
+    assert installed.read_bytes() == (site / "libtpu" / "libtpu.so").read_bytes()
+    done = tpu_image.check(str(root), [str(site)], env)
+    assert done[1] == "TPU_LIBRARY_PATH=/lib/libtpu.so"
+    assert done[2] == "tensorflow-tpu 2.16.2 with libtpu 2.16.0rc0"
+
+    with pytest.raises(tpu_image.ImageError, match="^TPU_LIBRARY_PATH is None"):
+        tpu_image.check(str(root), [str(site)], {})
+    (site / "libtpu" / "libtpu.so").write_bytes(b"\x7fELF" + bytes(300))  # wheel upgraded
+    with pytest.raises(tpu_image.ImageError, match="differs from the installed wheel"):
+        tpu_image.check(str(root), [str(site)], env)
+    installed.write_bytes(b"not a library")
+    with pytest.raises(tpu_image.ImageError, match="is not an ELF shared object"):
+        tpu_image.check(str(root), [str(site)], env)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("cpu_tensorflow", "tensorflow is installed next to tensorflow-tpu; uninstall it"),
+        ("wrong_libtpu", "tensorflow-tpu 2.16.2 pins libtpu 2.16.0rc0, found 0.0.9"),
+    ],
+)
+def test_tpu_image_check_names_a_broken_install_in_one_line(tmp_path, change, message):
+    site, root = tmp_path / "site", tmp_path / "root"
+    _fake_site(site, libtpu_version="0.0.9" if change == "wrong_libtpu" else "2.16.0rc0")
+    if change == "cpu_tensorflow":
+        info = site / "tensorflow-2.16.2.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tensorflow\nVersion: 2.16.2\n")
+    script = [sys.executable, str(REPO_ROOT / "docker/tpu_image.py")]
+    where = ["--root", str(root), "--site", str(site)]
+    env = {"TPU_LIBRARY_PATH": "/lib/libtpu.so", "PATH": "/usr/bin:/bin"}
+    run = subprocess.run(
+        script + ["install-libtpu", *where], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    run = subprocess.run(script + ["check", *where], env=env, capture_output=True, text=True)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines() == [f"error: {message}"]
+
+
+def _dockerfile(path: pathlib.Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    lines = [line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")]
+    text = re.sub(r"\s*\\\n\s*", " ", "\n".join(lines))
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip())
+        for line in text.splitlines()
+        if line.strip()
+    ]
+
+
+def test_tpu_dockerfile_runs_the_layout_script_after_installing_tensorflow_tpu():
+    tpu_image = _tpu_image_module()
+    steps = _dockerfile(REPO_ROOT / "docker/Dockerfile.tpu")
+    index = {i: step for i, step in enumerate(steps)}
+    install = next(i for i, (op, args) in index.items() if "tensorflow-tpu==2.16.2" in args)
+    assert "libtpu-tf-releases" in steps[install][1] and steps[install][0] == "RUN"
+    env = next(i for i, (op, args) in index.items() if op == "ENV" and "TPU_LIBRARY_PATH" in args)
+    assert steps[env][1] == f"TPU_LIBRARY_PATH={tpu_image.LIBTPU_IN_IMAGE}"
+    copy = steps.index(("COPY", "docker/tpu_image.py /simclr/docker/tpu_image.py"))
+    layout = next(i for i, (op, args) in index.items() if "tpu_image.py install-libtpu" in args)
+    assert re.search(
+        r"tpu_image\.py install-libtpu && python \S+tpu_image\.py check", steps[layout][1]
+    )
+    # The env is set before the check reads it; the script is copied before it runs; both after
+    # pip has put libtpu.so into site-packages.
+    assert install < env < layout and copy < layout
+    # BuildKit sends only the script in the build context.
+    ignore = (REPO_ROOT / "docker/Dockerfile.tpu.dockerignore").read_text().split()
+    assert "*" in ignore and "!docker/tpu_image.py" in ignore
+    # The a100 image is its own file: a CUDA build has no libtpu to check.
+    gpu = _dockerfile(REPO_ROOT / "docker/Dockerfile.gpu")
+    assert any("tensorflow[and-cuda]==2.16.2" in args for _, args in gpu)
+    assert not any("tpu" in args.lower() for _, args in gpu)

@@ -140,3 +140,134 @@ def test_flags_doc_is_up_to_date():
     assert (REPO_ROOT / "docs/flags.md").read_text() == module.render(), (
         "docs/flags.md is stale: run python docs/make_flags_doc.py"
     )
+
+
+# ----------------------------------------------------------------------------- protocols
+
+
+def test_default_protocol_after_pretraining_is_linear_evaluation():
+    config = parse([])
+    f = config.finetune
+    assert f.finetune_protocol == "linear_eval"
+    assert (f.fine_tune_after_block, f.zero_init_logits_layer) == (4, True)
+    assert (f.optimizer, f.learning_rate, f.weight_decay, f.warmup_epochs) == (
+        "momentum",
+        0.1,
+        0.0,
+        0.0,
+    )
+    assert config.model.ft_proj_selector == 0
+    # The digits preset keeps its laptop-sized epoch budget.
+    assert f.train_epochs == configs.DATASET_PRESETS["digits"]["finetune.train_epochs"]
+
+
+def test_label_fraction_defaults_to_semi_supervised_fine_tuning(tmp_path):
+    for fraction, epochs in ((0.01, 60), (0.1, 30)):
+        config = parse([f"--label_fraction={fraction}"])
+        f = config.finetune
+        assert f.finetune_protocol == "fine_tune"
+        assert (f.fine_tune_after_block, f.optimizer, f.learning_rate) == (-1, "lars", 0.005)
+        assert f.learning_rate_scaling == "sqrt" and f.zero_init_logits_layer
+        assert config.model.ft_proj_selector == 1
+        assert f.train_epochs == epochs  # counted over the labeled subset
+    subset = tmp_path / "1percent.txt"
+    subset.write_text("a.jpg\n")
+    assert parse([f"--label_subset={subset}"]).finetune.train_epochs == 60
+
+
+def test_explicit_flags_override_the_protocol_recipe():
+    config = parse(
+        [
+            "--finetune_protocol=fine_tune",
+            "--finetune_learning_rate=0.02",
+            "--fine_tune_after_block=2",
+            "--ft_proj_selector=0",
+        ]
+    )
+    f = config.finetune
+    assert f.finetune_protocol == "fine_tune" and f.optimizer == "lars"
+    assert (f.learning_rate, f.fine_tune_after_block) == (0.02, 2)
+    assert config.model.ft_proj_selector == 0
+
+
+def test_imagenet_linear_evaluation_uses_its_own_recipe(tmp_path):
+    config = parse(["--dataset=imagenet2012", f"--data_dir={tmp_path}"])
+    assert config.finetune.finetune_protocol == "linear_eval"
+    assert (config.finetune.weight_decay, config.finetune.train_epochs) == (1e-6, 90)
+
+
+def test_supervised_training_from_scratch_is_named_so():
+    config = parse(["--train_mode=finetune", "--learning_rate=0.05"])
+    assert config.finetune.finetune_protocol == "supervised"
+    assert config.finetune.fine_tune_after_block == -1  # the reference default, not a recipe
+    assert config.finetune.learning_rate == 0.05
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--proj_head_mode=none", "--ft_proj_selector=1"], "--ft_proj_selector"),
+        (["--finetune_protocol=fine_tune", "--proj_head_mode=linear"], None),
+        (["--distill", "--distill_train_batch_size=0"], "--distill_train_batch_size"),
+        (["--distill", "--distill_learning_rate=-1"], "--distill_learning_rate"),
+        (["--min_top1=-0.5"], "--min_top1"),
+    ],
+)
+def test_protocol_and_distill_validation(argv, flag, capsys):
+    if flag is None:  # valid: the recipe's selector fits the one linear projection layer
+        assert parse(argv).model.ft_proj_selector == 1
+        return
+    with pytest.raises(SystemExit):
+        parse(argv)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flag in err, err
+
+
+def test_imported_checkpoint_cannot_freeze_a_partial_backbone(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse(
+            [
+                "--train_mode=finetune",
+                f"--checkpoint={tmp_path}",
+                "--finetune_protocol=fine_tune",
+                "--fine_tune_after_block=2",
+            ]
+        )
+    assert "--fine_tune_after_block" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- per-stage config
+
+
+def test_each_trainer_gets_only_what_it_reads():
+    base = parse([])
+    gated = parse(["--min_top1=0.9", "--max_top1_regression=0.5", "--enable_cache"])
+    relabeled = parse(["--label_fraction=0.1"])
+    hotter = parse(["--temperature=0.2"])
+
+    def key(config, stage):
+        return configs.trainer_config(config, stage).to_json()
+
+    # Gates and runner options reach no Trainer, so caching keeps both trainings.
+    assert key(gated, "pretrain") == key(base, "pretrain")
+    assert key(gated, "finetune") == key(base, "finetune")
+    # The labels the finetune stage uses do not concern pretraining; the temperature does.
+    assert key(relabeled, "pretrain") == key(base, "pretrain")
+    assert key(relabeled, "finetune") != key(base, "finetune")
+    assert key(hotter, "pretrain") != key(base, "pretrain")
+    pretrain = configs.trainer_config(base, "pretrain")
+    assert pretrain.labels is None and pretrain.train.temperature == base.pretrain.temperature
+    finetune = configs.trainer_config(relabeled, "finetune")
+    assert finetune.labels.label_fraction == 0.1 and finetune.model.ft_proj_selector == 1
+    assert "min_top1" not in key(base, "finetune") and "model_dir" not in key(base, "finetune")
+
+
+def test_distill_trainer_gets_the_student_network():
+    config = parse(["--distill", "--distill_resnet_depth=34", "--distill_width_multiplier=0.5"])
+    student = configs.trainer_config(config, "distill").model
+    assert (student.resnet_depth, student.width_multiplier) == (34, 0.5)
+
+
+@pytest.mark.parametrize("classes, floor", [(2, 0.75), (3, 0.25 + 1 / 3), (10, 0.2), (1000, 0.002)])
+def test_default_gate_is_clearly_above_chance(classes, floor):
+    assert configs.chance_floor(classes) == pytest.approx(floor)

@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 import pathlib
 
 import numpy as np
@@ -20,6 +21,7 @@ from pipeline.image_example_gen import (
     make_custom_config,
     make_image_example_gen,
 )
+from pipeline.image_example_gen.executor import check_class_folders
 
 
 def _encode(mode: str, fmt: str, seed: int, size: tuple[int, int] = (12, 10)) -> bytes:
@@ -157,12 +159,81 @@ def test_too_many_bad_files_raises_after_writing_report(
 
 
 def test_split_without_images_raises(image_tree: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    # An image file that is empty: the class folder passes the early check, the split has
+    # nothing usable after reading.
     (image_tree / "extra" / "cat").mkdir(parents=True)
-    (image_tree / "extra" / "cat" / ".hidden.png").write_bytes(GOOD_FILES["test/fish/h.png"])
+    (image_tree / "extra" / "cat" / "empty.png").write_bytes(b"")
     out = tmp_path / "out"
     with pytest.raises(ImageDataError, match=r"split 'extra' has no usable images in .*extra"):
         _run(image_tree, out, ["test", "extra"])
-    assert _report(out)["splits"]["extra"]["total_files"] == 0
+    assert _report(out)["splits"]["extra"]["total_files"] == 1
+
+
+def _add_empty_class(image_tree: pathlib.Path, split: str = "train") -> pathlib.Path:
+    """A class folder 'cow' (sorting between cat and dog) with no image file in it."""
+    folder = image_tree / split / "cow"
+    folder.mkdir()
+    (folder / ".hidden.jpg").write_bytes(GOOD_FILES["train/cat/a.jpg"])
+    (folder / "notes.txt").write_bytes(b"not an image")
+    (folder / "sub.png").mkdir()  # a sub-folder only named like an image... still no file
+    return folder
+
+
+def test_empty_class_folder_stops_before_anything_is_read(
+    image_tree: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    empty = _add_empty_class(image_tree)
+    out = tmp_path / "out"
+    with pytest.raises(ImageDataError) as error:
+        _run(image_tree, out, ["train", "test"], max_bad_fraction=0.5)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"Class folder {empty} has no image files")
+    assert "drop_empty_class_folders" in message
+    assert not out.exists()  # stopped before Beam wrote anything
+
+
+def test_empty_class_folder_dropped_when_asked(
+    image_tree: pathlib.Path, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    empty = _add_empty_class(image_tree)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        _run(
+            image_tree,
+            out,
+            ["train", "test"],
+            max_bad_fraction=0.5,
+            drop_empty_class_folders=True,
+        )
+    assert any(str(empty) in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    report = _report(out)
+    # No class, no id: 'dog' keeps id 2 instead of moving to 3 behind 'cow'.
+    assert report["class_names"] == sorted(SORTED_IDS)
+    for filename, record in _read_split(out, "train").items():
+        assert record["label"] == [SORTED_IDS[filename.split("/")[0]]]
+    # The dropped folder is not listed either: its notes.txt is not a skipped file.
+    assert report["splits"]["train"]["total_files"] == 10
+
+
+def test_check_class_folders(image_tree: pathlib.Path) -> None:
+    assert check_class_folders(str(image_tree), ["train", "test"]) == {
+        "train": ["bird", "cat", "dog"],
+        "test": ["cat", "fish"],
+    }
+    with pytest.raises(ImageDataError, match=r"Split 'val': image folder .*val does not exist"):
+        check_class_folders(str(image_tree), ["train", "val"])
+    first = _add_empty_class(image_tree, "test")
+    second = _add_empty_class(image_tree, "train")
+    with pytest.raises(ImageDataError) as error:
+        check_class_folders(str(image_tree), ["test", "train"])
+    assert "\n" not in str(error.value)
+    assert str(error.value).startswith(f"Class folder {first} has no image files")
+    assert f"(and 1 more: {second})" in str(error.value)
+    assert check_class_folders(str(image_tree), ["test", "train"], drop_empty=True) == {
+        "test": ["cat", "fish"],
+        "train": ["bird", "cat", "dog"],
+    }
 
 
 def test_labels_file_and_max_images_per_class(
@@ -212,6 +283,7 @@ def test_make_image_example_gen(image_tree: pathlib.Path) -> None:
         "labels_file": None,
         "max_bad_fraction": 0.01,
         "max_images_per_class": 7,
+        "drop_empty_class_folders": False,
     }
     assert component.executor_spec.executor_class is ImageFolderExecutor
     with pytest.raises(ValueError, match="max_bad_fraction"):

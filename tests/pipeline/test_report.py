@@ -8,7 +8,6 @@ import os
 import pathlib
 import re
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,27 +17,9 @@ from PIL import Image
 from tensorflow_metadata.proto.v0 import statistics_pb2
 
 from pipeline import report
+from tests.pipeline_runs import BROKEN_FILE, MARKUP_CLASS, TEST_PER_CLASS, TRAIN_PER_CLASS
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
-# A class folder name that becomes markup if the page does not escape it.
-MARKUP_CLASS = "<u>ship&amp;"
-BROKEN_FILE = "cat/zz_broken.jpg"
-TRAIN_PER_CLASS, TEST_PER_CLASS = 8, 4
-TINY = [
-    "--dataset=cifar10",
-    "--resnet_depth=18",
-    "--width_multiplier=0.125",
-    "--proj_out_dim=16",
-    "--train_batch_size=16",
-    "--train_steps=2",
-    "--finetune_train_batch_size=16",
-    "--finetune_train_steps=2",
-    "--eval_batch_size=64",
-    "--log_every_steps=1",
-    "--min_top1=0",
-    "--max_bad_fraction=0.05",
-]
 
 
 # ----------------------------------------------------------------------------- readers
@@ -153,37 +134,14 @@ def test_count_int_labels_matches_counter(tmp_path):
 # ----------------------------------------------------------------------------- a real run
 
 
-def _make_subset(cifar: pathlib.Path, root: pathlib.Path) -> pathlib.Path:
-    """8 train / 4 test images per class; the ship folder renamed to a markup-like name, plus
-    one unreadable file that ingestion must skip and the report must list."""
-    for split, count in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
-        for class_dir in sorted((cifar / split).iterdir()):
-            name = MARKUP_CLASS if class_dir.name == "ship" else class_dir.name
-            target = root / split / name
-            target.mkdir(parents=True)
-            for image in sorted(class_dir.iterdir())[:count]:
-                (target / image.name).symlink_to(image)
-    (root / "train" / BROKEN_FILE).write_bytes(b"not an image")
-    return root
-
-
 @pytest.fixture(scope="module")
-def run(cifar_dir, tmp_path_factory):
-    """One local_runner.py run on a tiny subset; yields (model_dir, data_dir, stdout)."""
-    root = tmp_path_factory.mktemp("report_run")
-    data = _make_subset(cifar_dir, root / "data")
-    out = root / "out"
-    env = dict(os.environ, TF_USE_LEGACY_KERAS="1")
-    result = subprocess.run(
-        [sys.executable, "local_runner.py", *TINY, f"--data_dir={data}", f"--model_dir={out}"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
+def run(pipeline_scenario):
+    """The scenario's resumed run (tests/pipeline_runs.py); yields (model_dir, data_dir, stdout)."""
+    return (
+        pipeline_scenario.model_dir,
+        pipeline_scenario.data_dir,
+        pipeline_scenario.resumed.stdout,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out, data, result.stdout
 
 
 def _report_path(stdout: str) -> pathlib.Path:
@@ -306,7 +264,7 @@ def test_browser_shows_the_runs_numbers(run, tmp_path):
     page.feed(dom)
 
     # TFMA's own numbers, formatted as the page promises (4 decimals).
-    [evaluation] = glob.glob(str(out / "pipeline" / "Evaluator" / "evaluation" / "*"))
+    [evaluation] = re.findall(r"^TFMA output: (.+)$", stdout, re.M)
     result = tfma.load_eval_result(evaluation)
     metrics = {key: by_output[""][""] for key, by_output in result.slicing_metrics}
 

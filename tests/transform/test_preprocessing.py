@@ -40,14 +40,33 @@ def _pil_rgb(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-def _pil_resize_crop(data: bytes, size: int) -> np.ndarray:
+def _pil_resize(data: bytes, size: int) -> np.ndarray:
+    """Independent aspect-preserving resize: PIL bicubic (antialiased), shorter side -> size."""
     image = Image.open(io.BytesIO(data)).convert("RGB")
     width, height = image.size
     scale = size / min(width, height)
-    new_width, new_height = round(width * scale), round(height * scale)
-    image = image.resize((new_width, new_height), Image.BICUBIC)
-    left, top = (new_width - size) // 2, (new_height - size) // 2
-    return np.asarray(image.crop((left, top, left + size, top + size)))
+    return np.asarray(image.resize((round(width * scale), round(height * scale)), Image.BICUBIC))
+
+
+def _pil_resize_crop(data: bytes, size: int) -> np.ndarray:
+    image = _pil_resize(data, size)
+    top, left = (image.shape[0] - size) // 2, (image.shape[1] - size) // 2
+    return image[top : top + size, left : left + size]
+
+
+CORNER_COLOURS = ((230, 30, 30), (30, 230, 30), (30, 30, 230), (230, 230, 30))
+CORNERS = ((0, 0), (0, -1), (-1, 0), (-1, -1))
+
+
+def _tall_with_corners(width: int, height: int) -> np.ndarray:
+    """A smooth background with a distinctly coloured quarter-width patch in each corner."""
+    image = _smooth_rgb(width, height)
+    patch = width // 4
+    for (row, col), colour in zip(CORNERS, CORNER_COLOURS, strict=True):
+        rows = slice(0, patch) if row == 0 else slice(-patch, None)
+        cols = slice(0, patch) if col == 0 else slice(-patch, None)
+        image[rows, cols] = colour
+    return image
 
 
 def _image_files() -> dict[str, bytes]:
@@ -68,6 +87,7 @@ def _image_files() -> dict[str, bytes]:
             Image.fromarray(_RNG.integers(0, 256, (32, 32, 3), dtype=np.uint8)), "BMP"
         ),
         "wide.jpg": _encode(Image.fromarray(_smooth_rgb(50, 40)), "JPEG", quality=95),
+        "tall.png": _encode(Image.fromarray(_tall_with_corners(24, 48)), "PNG"),
     }
 
 
@@ -112,7 +132,7 @@ def _vocab_lines(output: tft.TFTransformOutput) -> list[str]:
 @pytest.fixture(scope="module")
 def raw_run(tmp_path_factory):
     """Integer labels, `filename` keys, names from the config, raw storage at 32x32."""
-    labels = [3, 0, 3, 1, 0, 5]
+    labels = [3, 0, 3, 1, 0, 5, 1]
     instances = [
         {"image": FILES[n], "label": lab, "filename": n.encode()}
         for n, lab in zip(NAMES, labels, strict=True)
@@ -184,20 +204,23 @@ def test_label_names_vocabulary_from_config(raw_run):
 
 
 def test_decode_stored_image_in_tf_data(raw_run):
+    """Inside tf.data (graph mode), raw storage decodes to the source pixels, statically 32x32."""
     by_key, _, _ = raw_run
-    blobs = [_feature(e, pp.IMAGE_KEY) for e in by_key.values()]
+    names = ["gray.png", "rgba.png", "anim.gif", "rgb.bmp"]
+    blobs = [_feature(by_key[n], pp.IMAGE_KEY) for n in names]
     dataset = tf.data.Dataset.from_tensor_slices(blobs).map(
         lambda s: pp.decode_stored_image(s, 32, "raw")
     )
     assert dataset.element_spec.shape == (32, 32, 3)
     assert dataset.element_spec.dtype == tf.uint8
-    assert len(list(dataset)) == len(blobs)
+    for name, image in zip(names, dataset.as_numpy_iterator(), strict=True):
+        np.testing.assert_array_equal(image, _pil_rgb(FILES[name]), err_msg=name)
 
 
 @pytest.fixture(scope="module")
 def jpeg_run(tmp_path_factory):
     """String labels given as [batch, 1], no identity feature, JPEG storage at 16x16."""
-    labels = ["truck", "airplane", "cat", "airplane", "dog", "cat"]
+    labels = ["truck", "airplane", "cat", "airplane", "dog", "cat", "truck"]
     instances = [
         {"image": FILES[n], "label": [lab.encode()]} for n, lab in zip(NAMES, labels, strict=True)
     ]
@@ -212,7 +235,7 @@ def jpeg_run(tmp_path_factory):
 
 def test_string_labels_get_sorted_ids(jpeg_run):
     examples, labels, output = jpeg_run
-    # Frequency order would be cat, airplane, truck, dog; ids must follow sorted names instead.
+    # Frequency order would put dog last; ids must follow sorted names instead.
     expected = {"airplane": 0, "cat": 1, "dog": 2, "truck": 3}
     assert [_feature(e, pp.LABEL_KEY) for e in examples] == [expected[lab] for lab in labels]
     assert sorted(_vocab_lines(output)) == ["0\tairplane", "1\tcat", "2\tdog", "3\ttruck"]
@@ -228,14 +251,31 @@ def test_key_falls_back_to_image_fingerprint(jpeg_run):
 
 
 def test_jpeg_storage_decodes_close_to_reference(jpeg_run):
+    """JPEG storage is the whole image with its shorter side scaled (aspect kept), not a crop."""
     examples, _, _ = jpeg_run
     for name, example in zip(NAMES, examples, strict=True):
         assert _feature(example, pp.IMAGE_KEY)[:2] == b"\xff\xd8"  # JPEG start-of-image marker
         stored = _stored_image(example, 16, "jpeg").astype(int)
+        reference = _pil_resize(FILES[name], 16).astype(int)
+        assert stored.shape == reference.shape, name
         # Colour noise suffers from JPEG chroma subsampling; judge fidelity on natural-like images.
-        if name in ("rgb.jpg", "wide.jpg", "gray.png"):
-            reference = _pil_resize_crop(FILES[name], 16).astype(int)
+        if name in ("rgb.jpg", "wide.jpg", "gray.png", "tall.png"):
             assert np.abs(stored - reference).mean() < 6, name
+
+
+def test_jpeg_storage_keeps_aspect_ratio_and_corners(jpeg_run):
+    """A wide and a tall image keep their aspect ratio, and every corner of the tall one
+    survives: random crops in the Trainer can reach the whole image, as the reference's do."""
+    examples, _, _ = jpeg_run
+    by_name = dict(zip(NAMES, examples, strict=True))
+    assert _stored_image(by_name["wide.jpg"], 16, "jpeg").shape == (16, 20, 3)  # 50x40 source
+    tall = _stored_image(by_name["tall.png"], 16, "jpeg").astype(int)
+    assert tall.shape == (32, 16, 3)  # 24x48 source
+    palette = np.array(CORNER_COLOURS)
+    for corner, colour in zip(CORNERS, CORNER_COLOURS, strict=True):
+        distances = np.abs(tall[corner] - palette).max(axis=1)
+        assert np.argmin(distances) == CORNER_COLOURS.index(colour), corner
+        assert distances.min() < 20, corner
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +306,9 @@ def test_file_name_key_and_label_name_feature(named_run):
     examples, pairs, output = named_run
     assert [_feature(e, pp.KEY_KEY).decode() for e in examples] == [f"f/{n}" for n, _, _ in pairs]
     assert [_feature(e, pp.LABEL_KEY) for e in examples] == [lab for _, lab, _ in pairs]
-    assert _stored_image(examples[0], 8, "raw").shape == (8, 8, 3)
+    # 32x32 noise shrunk to 8x8: antialiased bicubic like PIL's, not a plain subsampling.
+    stored = _stored_image(examples[0], 8, "raw").astype(int)
+    assert np.abs(stored - _pil_resize(FILES["rgb.bmp"], 8)).max() <= 2
     # label_name wins over the configured names.
     assert pp.read_label_names(output) == ["plane", "1", "bird"]
 
@@ -283,3 +325,11 @@ def test_sparse_feature_with_two_values_in_a_row_is_rejected():
 def test_unknown_image_format_is_rejected():
     with pytest.raises(ValueError, match="image_format"):
         pp.decode_stored_image(tf.constant(b""), 8, "png")
+
+
+def test_jpeg_of_another_stored_size_is_rejected():
+    """A Trainer configured with another stored size than Transform used fails with one line."""
+    jpeg = tf.io.encode_jpeg(tf.zeros([24, 40, 3], tf.uint8))
+    assert pp.decode_stored_image(jpeg, 24, "jpeg").shape == (24, 40, 3)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="shorter side 24, but the stored"):
+        pp.decode_stored_image(jpeg, 32, "jpeg")

@@ -1,0 +1,277 @@
+"""The configuration schema the Trainer reads (`run_fn`'s custom_config).
+
+These dataclasses are the Trainer-side half of the config tree: the pipeline's `SimCLRConfig`
+(pipeline/configs.py) composes them with its data, gate and runner sections, and hands each
+Trainer only a `TrainerConfig`: the sections that stage reads. TFX caches a component on its
+execution properties, so a gate or runner option must not reach a Trainer's JSON.
+
+Every option is a dataclass field whose metadata names its command-line flag and help text; a
+field's default is the reference's (google-research/simclr `tf2/run.py`) default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
+STAGES = ("pretrain", "finetune", "distill")
+OPTIMIZERS = ("lars", "momentum", "adam")
+STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
+
+
+def opt(default: Any, help: str, flag: str | None = None, choices: tuple | None = None) -> Any:
+    """A dataclass field carrying its flag name, help text and allowed values."""
+    meta = {"help": help, "flag": flag, "choices": choices}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class ConfigError(ValueError):
+    """An invalid option; the message is one line that names the flag."""
+
+
+@dataclass
+class AugmentConfig:
+    color_jitter_strength: float = opt(1.0, "The strength of color jittering.")
+    color_jitter_impl: str = opt(
+        "v2",
+        "Color jitter variant: 'v2' (multiplicative brightness, SimCLRv2) or 'v1' (additive).",
+        choices=("v1", "v2"),
+    )
+    use_blur: bool = opt(True, "Gaussian blur (p=0.5, sigma per image) during pretraining.")
+
+
+@dataclass
+class ModelConfig:
+    resnet_depth: int = opt(50, "Depth of ResNet.", choices=RESNET_DEPTHS)
+    width_multiplier: float = opt(
+        1.0,
+        "Multiplier of ResNet width. Integers as in SimCLR; fractions (e.g. 0.25) make tiny "
+        "models for laptops and tests.",
+    )
+    sk_ratio: float = opt(0.0, "Selective kernel ratio; > 0 enables SK (SimCLRv2 uses 0.0625).")
+    se_ratio: float = opt(0.0, "Squeeze-excitation ratio; > 0 enables SE.")
+    batch_norm_decay: float = opt(0.9, "Batch norm decay parameter.")
+    global_bn: bool = opt(True, "Aggregate batch-norm statistics across replicas (sync BN).")
+    proj_head_mode: str = opt(
+        "nonlinear", "How the head projection is done.", choices=("none", "linear", "nonlinear")
+    )
+    proj_out_dim: int = opt(128, "Output dimension of the projection head.")
+    num_proj_layers: int = opt(3, "Number of layers of the nonlinear projection head.")
+    ft_proj_selector: int = opt(
+        0,
+        "Which projection-head layer feeds the supervised head: 0 = backbone output, -1 = the "
+        "last layer.",
+    )
+
+
+@dataclass
+class StageConfig:
+    """Optimization settings of one Trainer stage (pretrain or finetune)."""
+
+    train_batch_size: int = opt(512, "Batch size for training.")
+    train_epochs: int = opt(100, "Number of epochs to train for.")
+    train_steps: int = opt(0, "Number of steps to train for; overrides train_epochs when > 0.")
+    learning_rate: float = opt(0.3, "Initial learning rate per batch size of 256.")
+    learning_rate_scaling: str = opt(
+        "linear", "How to scale the learning rate with batch size.", choices=("linear", "sqrt")
+    )
+    warmup_epochs: float = opt(10.0, "Number of epochs of linear warmup.")
+    weight_decay: float = opt(1e-6, "Amount of weight decay to use.")
+    optimizer: str = opt("lars", "Optimizer to use.", choices=OPTIMIZERS)
+    momentum: float = opt(0.9, "Momentum parameter.")
+    eeta: float = opt(0.001, "LARS trust coefficient.")
+    checkpoint_epochs: int = opt(1, "Number of epochs between checkpoints and summaries.")
+    checkpoint_steps: int = opt(
+        0, "Number of steps between checkpoints/summaries; overrides checkpoint_epochs when > 0."
+    )
+
+
+@dataclass
+class PretrainConfig(StageConfig):
+    temperature: float = opt(0.1, "Temperature parameter for contrastive loss.")
+    hidden_norm: bool = opt(True, "L2-normalize projections before the contrastive loss.")
+    lineareval_while_pretraining: bool = opt(
+        True, "Train a linear classifier on stop-gradient features while pretraining."
+    )
+    knn_every_epochs: int = opt(
+        0, "Every N epochs, weighted kNN top-1 of backbone features on the eval split; 0 = off."
+    )
+
+
+@dataclass
+class FinetuneConfig(StageConfig):
+    finetune_protocol: str = opt(
+        "auto",
+        "Which evaluation protocol the stage after pretraining follows (the SimCLR README's "
+        "recipes; explicit flags override a recipe's values): 'linear_eval' (a zero-initialized "
+        "linear classifier on the frozen backbone: fine_tune_after_block=4, momentum, lr 0.1, no "
+        "decay or warmup, 100 epochs; ImageNet: wd 1e-6, 90 epochs), 'fine_tune' (the whole "
+        "network from the first projection layer, ft_proj_selector=1: LARS, lr 0.005 with sqrt "
+        "scaling, no decay or warmup; 60 epochs on 1% of the labels, 30 on 10%), or 'auto': "
+        "linear_eval on all labels, fine_tune with --label_fraction/--label_subset. With "
+        "--train_mode=finetune and no --checkpoint the stage is plain supervised training.",
+        choices=("auto", "linear_eval", "fine_tune", "supervised"),
+    )
+    fine_tune_after_block: int = opt(
+        -1,
+        "Fine-tune layers after this block: -1 = everything, 0 = after the stem, 4 = only the "
+        "linear head. Frozen blocks keep batch norm in inference mode.",
+    )
+    zero_init_logits_layer: bool = opt(
+        False, "Zero-initialize the supervised head when fine-tuning."
+    )
+    label_fraction: float = opt(
+        1.0, "Fraction of labeled train examples used for fine-tuning (stratified, seeded)."
+    )
+    label_fraction_seed: int = opt(0, "Seed of the stratified label-fraction selection.")
+    label_subset: str = opt(
+        "",
+        "File listing the labeled training images, one file name a line (e.g. the SimCLR/TFDS "
+        "ImageNet 1% or 10% list); fine-tuning uses only examples whose key's base name is "
+        "listed. Replaces --label_fraction.",
+    )
+    checkpoint: str = opt(
+        "",
+        "A SavedModel in the released SimCLR TF2 format (e.g. gs://simclr-checkpoints-tf2/"
+        "simclrv2/pretrained/r50_1x_sk0/saved_model/) imported as the base model for "
+        "--train_mode=finetune, instead of pretraining.",
+    )
+
+
+@dataclass
+class DistillConfig(StageConfig):
+    """SimCLRv2's third step: distill the fine-tuned teacher into a student on unlabeled images."""
+
+    distill: bool = opt(False, "Add a distillation Trainer; the student is evaluated and pushed.")
+    distill_temperature: float = opt(1.0, "Distillation temperature T in T^2 * CE(t/T, s/T).")
+    distill_label_weight: float = opt(
+        0.0, "Weight of the cross-entropy on labels (of the label_fraction subset) added to it."
+    )
+    distill_resnet_depth: int = opt(0, "Student ResNet depth; 0 = the teacher's.")
+    distill_width_multiplier: float = opt(0.0, "Student width multiplier; 0 = the teacher's.")
+
+
+@dataclass
+class RuntimeConfig:
+    """How the Trainer runs: devices, precision, logging, checkpoints."""
+
+    strategy: str = opt(
+        "auto",
+        "tf.distribute strategy: auto (mirrored on >1 GPU, else default), default, mirrored, "
+        "multi_worker (TF_CONFIG), tpu.",
+        choices=STRATEGIES,
+    )
+    tpu_name: str = opt("", "TPU name or grpc:// address for --strategy=tpu.")
+    mixed_precision: str = opt(
+        "float32",
+        "Compute dtype: float32, bfloat16 (TPU, GPU, AMX CPUs) or float16 (GPU, loss scaling).",
+        choices=("float32", "bfloat16", "float16"),
+    )
+    jit_compile: bool = opt(False, "Compile the train step with XLA.")
+    eval_batch_size: int = opt(256, "Batch size for in-Trainer evaluation.")
+    keep_checkpoint_max: int = opt(5, "Maximum number of checkpoints to keep.")
+    log_every_steps: int = opt(10, "Print a progress line every N steps.")
+    seed: int = opt(0, "Random seed for weight initialization and input shuffling.")
+
+
+@dataclass
+class InputConfig:
+    """What the Trainer needs to know about Transform's stored images."""
+
+    image_size: int = 224
+    stored_size: int = 256
+    image_format: str = "raw"
+    cache_dataset: bool = False
+
+
+@dataclass
+class LabelConfig:
+    """Which training labels a supervised stage may use (finetune, and distill's label loss)."""
+
+    label_fraction: float = 1.0
+    label_fraction_seed: int = 0
+    label_subset: str = ""
+
+
+@dataclass
+class TrainerConfig:
+    """Everything one Trainer stage reads, and nothing else (its TFX cache key).
+
+    `model` is the network this stage trains (the student's for distill); `labels` is None for
+    pretraining, whose labels feed only the online linear probe.
+    """
+
+    stage: str
+    input: InputConfig
+    augment: AugmentConfig
+    model: ModelConfig
+    train: StageConfig
+    runtime: RuntimeConfig
+    labels: LabelConfig | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainerConfig:
+        d = json.loads(text)
+        stage = d["stage"]
+        if stage not in STAGES:
+            raise ConfigError(f"unknown Trainer stage {stage!r}")
+        stage_classes = {
+            "pretrain": PretrainConfig,
+            "finetune": FinetuneConfig,
+            "distill": DistillConfig,
+        }
+        return cls(
+            stage=stage,
+            input=InputConfig(**d["input"]),
+            augment=AugmentConfig(**d["augment"]),
+            model=ModelConfig(**d["model"]),
+            train=stage_classes[stage](**d["train"]),
+            runtime=RuntimeConfig(**d["runtime"]),
+            labels=LabelConfig(**d["labels"]) if d.get("labels") is not None else None,
+        )
+
+
+# The reference README's recipes, as defaults of the finetune stage (explicit flags win).
+# linear_eval: a linear classifier on the frozen backbone. fine_tune: the whole network from the
+# first projection layer (SimCLRv2), LARS with sqrt-scaled learning rate.
+PROTOCOLS: dict[str, dict[str, object]] = {
+    "linear_eval": {
+        "fine_tune_after_block": 4,
+        "zero_init_logits_layer": True,
+        "ft_proj_selector": 0,
+        "optimizer": "momentum",
+        "learning_rate": 0.1,
+        "learning_rate_scaling": "linear",
+        "weight_decay": 0.0,
+        "warmup_epochs": 0.0,
+        "train_epochs": 100,
+    },
+    "fine_tune": {
+        "fine_tune_after_block": -1,
+        "zero_init_logits_layer": True,
+        "ft_proj_selector": 1,
+        "optimizer": "lars",
+        "learning_rate": 0.005,
+        "learning_rate_scaling": "sqrt",
+        "weight_decay": 0.0,
+        "warmup_epochs": 0.0,
+        "train_epochs": 100,
+    },
+}
+# ImageNet recipes differ in epochs and decay; semi-supervised ones count epochs over the
+# labeled subset: 60 epochs on 1% of the labels, 30 on 10%.
+IMAGENET_LINEAR_EVAL = {"weight_decay": 1e-6, "train_epochs": 90}
+SEMI_SUPERVISED_EPOCHS = ((0.05, 60), (1.0, 30))
+
+
+def semi_supervised_epochs(label_fraction: float) -> int:
+    """The reference's fine-tuning epochs for a labeled fraction (1% → 60, 10% → 30)."""
+    return next(epochs for upper, epochs in SEMI_SUPERVISED_EPOCHS if label_fraction <= upper)

@@ -1,0 +1,108 @@
+"""The generic Trainer driver: any stage (`models/tasks/`) under a strategy, resumed from its
+checkpoints, trained, evaluated and exported. The stage decides everything else."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import tensorflow as tf
+import tensorflow_transform as tft
+
+from models import data as data_lib
+from models import export, train_loop
+from models.config import TrainerConfig
+from models.model import saved_model_dir
+from models.strategy import make_strategy, set_precision, worker_dirs
+from models.tasks import TASKS, StageInputs
+from transform import preprocessing as tp
+
+
+def run_stage(
+    config: TrainerConfig,
+    *,
+    train_files: list[str],
+    eval_files: list[str],
+    transform_output_dir: str,
+    serving_model_dir: str,
+    model_run_dir: str,
+    checkpoint_dir: str = "",
+    base_model: str | None = None,
+) -> dict[str, float]:
+    """Trains one stage to its final step, evaluates it on the eval split and exports it.
+
+    Checkpoints go to `checkpoint_dir` (default: under model_run_dir); a rerun pointed at the
+    same directory continues from its newest checkpoint.
+    """
+    rt = config.runtime
+    tf.keras.utils.set_random_seed(rt.seed)
+    set_precision(rt.mixed_precision)
+    strategy = make_strategy(rt.strategy, rt.tpu_name)
+    tft_output = tft.TFTransformOutput(transform_output_dir)
+    label_names = tp.read_label_names(tft_output)
+    base = saved_model_dir(base_model) if base_model else None
+    inputs = StageInputs(train_files, eval_files, transform_output_dir, len(label_names), base)
+    task = TASKS[config.stage](config, inputs, strategy.num_replicas_in_sync)
+    # Only the chief writes where others read; other workers write to scratch (multi-worker).
+    ckpt_dir, run_dir, export_dir = worker_dirs(
+        strategy,
+        checkpoint_dir or os.path.join(model_run_dir, "checkpoints"),
+        model_run_dir,
+        serving_model_dir,
+    )
+    with strategy.scope():
+        model = task.build_model()
+        model.build_for()
+        task.initialize(model)
+        optimizer = task.build_optimizer()
+        metrics = task.build_metrics()
+    print(
+        f"{config.stage}: {task.num_examples} examples, {inputs.num_classes} classes, batch "
+        f"{task.batch_size}, {task.total_steps} steps on {strategy.num_replicas_in_sync} "
+        "replica(s)",
+        flush=True,
+    )
+    if config.stage != "pretrain" and task.total_steps < 100:
+        print(
+            f"warning: {config.stage}: only {task.total_steps} training steps; a supervised "
+            "stage needs about 100 or more to move far from its starting point",
+            flush=True,
+        )
+    t = config.train
+    settings = train_loop.LoopSettings(
+        stage=config.stage,
+        total_steps=task.total_steps,
+        checkpoint_every=max(1, t.checkpoint_steps or t.checkpoint_epochs * task.epoch_steps),
+        log_every=rt.log_every_steps,
+        global_batch_size=task.batch_size,
+        keep_checkpoint_max=rt.keep_checkpoint_max,
+        jit_compile=rt.jit_compile,
+    )
+    monitor = task.monitor(model, settings.checkpoint_every)
+    train_loop.run(
+        strategy,
+        model,
+        optimizer,
+        task.train_step(model, optimizer, metrics),
+        task.build_inputs,
+        metrics,
+        settings,
+        checkpoint_dir=ckpt_dir,
+        restore_dir=checkpoint_dir or os.path.join(model_run_dir, "checkpoints"),
+        summary_dir=os.path.join(run_dir, "train"),
+        on_checkpoint=monitor,
+    )
+    results = {}
+    if task.evaluates:
+        dataset = data_lib.eval_dataset(eval_files, task.spec, rt.eval_batch_size)
+        results = train_loop.evaluate(model, dataset)
+        train_loop.log_eval(results, os.path.join(run_dir, "eval"), task.total_steps, config.stage)
+    with tf.io.gfile.GFile(os.path.join(run_dir, "results.json"), "w") as f:
+        summary = {"stage": config.stage, "total_steps": task.total_steps}
+        summary["num_train_examples"] = task.num_examples
+        json.dump({**summary, **results, **(monitor.last if monitor else {})}, f, indent=2)
+    module = export.ServingModule(
+        model, tft_output, label_names, task.spec.stored_size, task.spec.image_format
+    )
+    export.export_serving_model(module, export_dir)
+    return results

@@ -1,0 +1,193 @@
+"""What every Trainer stage shares: its data view, optimizer and gradient plumbing.
+
+A stage is a `Task` (the Task pattern of TF Model Garden's SimCLR project): it builds its model,
+its input pipeline and its replica step, and names its metrics; `models/driver.py` runs any task
+under a strategy with checkpoints, evaluation and export.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+from models import data as data_lib
+from models import knn
+from models.config import TrainerConfig
+from models.model import SimCLRModel
+from models.optimizers import build_optimizer, weight_decay_loss
+from models.schedule import WarmUpAndCosineDecay, total_train_steps
+from models.strategy import wrap_optimizer
+
+# Below this many steps a supervised stage barely moves from its initialization.
+FEW_STEPS = 100
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """The Trainer's input artifacts, as TFX hands them to `run_fn`."""
+
+    train_files: list[str]
+    eval_files: list[str]
+    transform_output_dir: str
+    num_classes: int
+    base_model: str | None = None
+
+
+class Task:
+    """One Trainer stage. Subclasses set `metric_names` and implement the `build_*` methods."""
+
+    metric_names: tuple[str, ...] = ()
+    # Whether the supervised head is evaluated on the eval split after training.
+    evaluates = True
+
+    def __init__(self, config: TrainerConfig, inputs: StageInputs, num_replicas: int = 1):
+        self.config = config
+        self.inputs = inputs
+        self.spec = data_lib.ImageSpec(
+            stored_size=config.input.stored_size,
+            image_format=config.input.image_format,
+            image_size=config.input.image_size,
+        )
+        labels, keys = data_lib.read_labels_and_keys(inputs.train_files)
+        self.all_keys = keys
+        self.labeled_keys = self._select_labeled(labels, keys)
+        self.num_examples = len(self.training_keys() if self.training_keys() is not None else keys)
+        if self.num_examples == 0:
+            raise ValueError(f"{config.stage}: the training split has no examples")
+        self.batch_size = self._fit_batch(config.train.train_batch_size, num_replicas)
+        t = config.train
+        self.total_steps = total_train_steps(
+            self.num_examples, self.batch_size, t.train_epochs, t.train_steps
+        )
+        self.epoch_steps = data_lib.steps_per_epoch(self.num_examples, self.batch_size)
+
+    # ----- data -----
+    def _select_labeled(self, labels: np.ndarray, keys: np.ndarray) -> np.ndarray | None:
+        """Keys of the labeled subset (label_subset / label_fraction), or None for all labels."""
+        sel, stage = self.config.labels, self.config.stage
+        if sel is None:
+            return None
+        if sel.label_subset:
+            chosen = data_lib.select_listed(keys, sel.label_subset)
+            how = f"label_subset={sel.label_subset}"
+        elif sel.label_fraction < 1.0:
+            chosen = data_lib.select_label_fraction(
+                labels, keys, sel.label_fraction, sel.label_fraction_seed
+            )
+            how = f"label_fraction={sel.label_fraction}"
+        else:
+            return None
+        print(f"{stage}: {len(chosen)} of {len(keys)} labeled examples ({how})", flush=True)
+        return chosen
+
+    def training_keys(self) -> np.ndarray | None:
+        """Keys of the examples this stage trains on; None for every example."""
+        return None
+
+    def _fit_batch(self, batch: int, num_replicas: int) -> int:
+        """The configured batch, unless the training set is smaller: then the largest batch of
+        whole replicas that fits, with a warning (an endless repeat would otherwise show every
+        image several times per step)."""
+        if batch <= self.num_examples:
+            return batch
+        fitted = max(num_replicas, self.num_examples // num_replicas * num_replicas)
+        print(
+            f"warning: {self.config.stage}: batch {batch} is larger than the "
+            f"{self.num_examples} training examples; using batch {fitted}",
+            flush=True,
+        )
+        return fitted
+
+    def dataset(
+        self, ctx: tf.distribute.InputContext, skip: int, *, contrastive: bool, **kwargs
+    ) -> tf.data.Dataset:
+        a = self.config.augment
+        return data_lib.train_dataset(
+            self.inputs.train_files,
+            self.spec,
+            ctx.get_per_replica_batch_size(self.batch_size),
+            contrastive=contrastive,
+            color_jitter_strength=a.color_jitter_strength,
+            color_jitter_impl=a.color_jitter_impl,
+            use_blur=a.use_blur,
+            seed=self.config.runtime.seed + ctx.input_pipeline_id,
+            skip_examples=skip // ctx.num_input_pipelines,
+            cache=self.config.input.cache_dataset,
+            shard=(ctx.num_input_pipelines, ctx.input_pipeline_id),
+            **kwargs,
+        )
+
+    # ----- the stage's own parts -----
+    def build_model(self) -> SimCLRModel:
+        raise NotImplementedError
+
+    def initialize(self, model: SimCLRModel) -> None:
+        """Loads what the stage starts from (a base model, a teacher) into the built model."""
+
+    def build_inputs(self, ctx: tf.distribute.InputContext, skip: int) -> tf.data.Dataset:
+        raise NotImplementedError
+
+    def train_step(
+        self, model: SimCLRModel, optimizer: keras.optimizers.Optimizer, metrics: dict
+    ) -> Callable:
+        raise NotImplementedError
+
+    def monitor(self, model: SimCLRModel, checkpoint_every: int) -> knn.KnnMonitor | None:
+        """An `on_checkpoint` callback for the loop (pretraining's kNN monitor), or None."""
+        return None
+
+    # ----- shared -----
+    def build_optimizer(self) -> keras.optimizers.Optimizer:
+        t = self.config.train
+        schedule = WarmUpAndCosineDecay(
+            base_learning_rate=t.learning_rate,
+            num_examples=self.num_examples,
+            train_batch_size=self.batch_size,
+            warmup_epochs=t.warmup_epochs,
+            total_steps=self.total_steps,
+            learning_rate_scaling=t.learning_rate_scaling,
+        )
+        optimizer = build_optimizer(t.optimizer, schedule, t.momentum, t.weight_decay, t.eeta)
+        return wrap_optimizer(optimizer, self.config.runtime.mixed_precision)
+
+    def build_metrics(self) -> dict[str, keras.metrics.Mean]:
+        return make_metrics(self.metric_names)
+
+    def weight_decay(self, model: keras.Model) -> tf.Tensor:
+        t = self.config.train
+        return weight_decay_loss(model.trainable_variables, t.weight_decay, t.optimizer)
+
+
+def make_metrics(names: tuple[str, ...]) -> dict[str, keras.metrics.Mean]:
+    """Running means, reset at every summary; create them inside the strategy scope."""
+    return {name: keras.metrics.Mean(f"train/{name}") for name in names}
+
+
+def scale_loss(optimizer: keras.optimizers.Optimizer, loss: tf.Tensor) -> tf.Tensor:
+    """The replica's share of a replica-local mean loss (gradients are summed across replicas),
+    loss-scaled for float16. Call it inside the tape."""
+    scaled = loss / tf.distribute.get_strategy().num_replicas_in_sync
+    if isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer):
+        scaled = optimizer.get_scaled_loss(scaled)
+    return scaled
+
+
+def apply_gradients(
+    tape: tf.GradientTape, scaled_loss: tf.Tensor, model: keras.Model, optimizer
+) -> None:
+    """Applies the gradients of `scale_loss`'s output.
+
+    Variables without a gradient (projection layers above ft_proj_selector while fine-tuning)
+    are left out rather than updated with zeros.
+    """
+    variables = model.trainable_variables
+    grads = tape.gradient(scaled_loss, variables)
+    if isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer):
+        grads = optimizer.get_unscaled_gradients(grads)
+    optimizer.apply_gradients(
+        [(g, v) for g, v in zip(grads, variables, strict=True) if g is not None]
+    )

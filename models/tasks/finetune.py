@@ -1,0 +1,95 @@
+"""Fine-tuning: the supervised head (and the unfrozen layers) on labeled images, crop+flip only.
+
+The stage follows one of the reference README's two protocols, named so every accuracy says
+which one produced it (`PROTOCOLS`).
+The protocols' recipes are the stage's defaults and live with its config schema
+(`models.config.PROTOCOLS`), so the command line reads them without loading TensorFlow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import tensorflow as tf
+
+from models import export
+from models.loss import supervised_loss
+from models.model import SavedModelBackbone, SimCLRModel, import_projection_head
+from models.tasks.base import Task, apply_gradients, scale_loss
+
+METRIC_NAMES = ("total_loss", "supervised_loss", "supervised_acc", "weight_decay")
+
+
+def supervised_step(model, optimizer, metrics, task: Task) -> Callable:
+    """Replica step: cross-entropy of the supervised head."""
+
+    def step(images: tf.Tensor, labels: tf.Tensor) -> None:
+        with tf.GradientTape() as tape:
+            outputs = model(images, training=True)
+            sup_loss, sup_acc = supervised_loss(labels, outputs["logits_sup"])
+            wd = task.weight_decay(model)
+            loss = sup_loss + wd
+            scaled = scale_loss(optimizer, loss)
+        apply_gradients(tape, scaled, model, optimizer)
+        metrics["total_loss"].update_state(loss)
+        metrics["supervised_loss"].update_state(sup_loss)
+        metrics["supervised_acc"].update_state(sup_acc)
+        metrics["weight_decay"].update_state(wd)
+
+    return step
+
+
+class FinetuneTask(Task):
+    metric_names = METRIC_NAMES
+
+    def training_keys(self) -> np.ndarray | None:
+        return self.labeled_keys
+
+    @property
+    def imported(self) -> bool:
+        """The base model is a released-format SavedModel (--checkpoint), not our pretraining."""
+        return self.config.train.checkpoint != ""
+
+    def build_model(self) -> SimCLRModel:
+        t = self.config.train
+        backbone = None
+        if self.imported:
+            if 0 <= t.fine_tune_after_block <= 3:
+                raise ValueError(
+                    "--fine_tune_after_block: an imported --checkpoint backbone trains whole "
+                    f"(-1) or stays frozen (4); {t.fine_tune_after_block} is not supported"
+                )
+            backbone = SavedModelBackbone(
+                self.inputs.base_model, frozen=t.fine_tune_after_block >= 4
+            )
+            print(f"finetune: backbone imported from {self.inputs.base_model}", flush=True)
+        return SimCLRModel(
+            self.config.model,
+            self.inputs.num_classes,
+            self.config.input.image_size,
+            pretraining=False,
+            fine_tune_after_block=t.fine_tune_after_block,
+            zero_init_logits_layer=t.zero_init_logits_layer,
+            backbone=backbone,
+        )
+
+    def initialize(self, model: SimCLRModel) -> None:
+        base = self.inputs.base_model
+        if not base:
+            return
+        if self.imported:
+            copied = import_projection_head(
+                model.projection_head, base, self.config.model.ft_proj_selector
+            )
+            if copied:
+                print(f"finetune: {copied} projection-head layer(s) imported", flush=True)
+        else:
+            export.restore_backbone(model, base)
+            print(f"finetune: backbone restored from {base}", flush=True)
+
+    def build_inputs(self, ctx: tf.distribute.InputContext, skip: int) -> tf.data.Dataset:
+        return self.dataset(ctx, skip, contrastive=False, keep_keys=self.labeled_keys)
+
+    def train_step(self, model, optimizer, metrics) -> Callable:
+        return supervised_step(model, optimizer, metrics, self)
