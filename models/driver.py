@@ -1,8 +1,13 @@
 """The generic Trainer driver: any stage (`models/tasks/`) under a strategy, resumed from its
-checkpoints, trained, evaluated and exported. The stage decides everything else."""
+checkpoints, trained, evaluated and exported. The stage decides everything else.
+
+Each stage ends with one line of wall seconds per phase (also in results.json under
+"seconds"), because on small data most of a stage's time is not spent training.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -16,6 +21,9 @@ from models.model import saved_model_dir
 from models.strategy import make_strategy, set_precision, worker_dirs
 from models.tasks import TASKS, StageInputs
 from transform import preprocessing as tp
+
+# Every stage reports these, in this order (0 when a stage has no such phase).
+PHASES = ("setup", "build", "trace", "train", "checkpoint", "knn", "eval", "export")
 
 
 def run_stage(
@@ -34,23 +42,23 @@ def run_stage(
     Checkpoints go to `checkpoint_dir` (default: under model_run_dir); a rerun pointed at the
     same directory continues from its newest checkpoint.
     """
+    clock = train_loop.PhaseClock()
     rt = config.runtime
-    tf.keras.utils.set_random_seed(rt.seed)
-    set_precision(rt.mixed_precision)
-    strategy = make_strategy(rt.strategy, rt.tpu_name)
-    tft_output = tft.TFTransformOutput(transform_output_dir)
-    label_names = tp.read_label_names(tft_output)
-    base = saved_model_dir(base_model) if base_model else None
-    inputs = StageInputs(train_files, eval_files, transform_output_dir, len(label_names), base)
-    task = TASKS[config.stage](config, inputs, strategy.num_replicas_in_sync)
-    # Only the chief writes where others read; other workers write to scratch (multi-worker).
-    ckpt_dir, run_dir, export_dir = worker_dirs(
-        strategy,
-        checkpoint_dir or os.path.join(model_run_dir, "checkpoints"),
-        model_run_dir,
-        serving_model_dir,
-    )
-    with strategy.scope():
+    with clock.phase("setup"):
+        tf.keras.utils.set_random_seed(rt.seed)
+        set_precision(rt.mixed_precision)
+        strategy = make_strategy(rt.strategy, rt.tpu_name)
+        tft_output = tft.TFTransformOutput(transform_output_dir)
+        label_names = tp.read_label_names(tft_output)
+        base = saved_model_dir(base_model) if base_model else None
+        inputs = StageInputs(train_files, eval_files, transform_output_dir, len(label_names), base)
+        task = TASKS[config.stage](config, inputs, strategy.num_replicas_in_sync)
+        restore_dir = checkpoint_dir or os.path.join(model_run_dir, "checkpoints")
+        # Only the chief writes where others read; other workers write to scratch.
+        ckpt_dir, run_dir, export_dir = worker_dirs(
+            strategy, restore_dir, model_run_dir, serving_model_dir
+        )
+    with clock.phase("build"), strategy.scope():
         model = task.build_model()
         model.build_for()
         task.initialize(model)
@@ -79,6 +87,12 @@ def run_stage(
         jit_compile=rt.jit_compile,
     )
     monitor = task.monitor(model, settings.checkpoint_every)
+    on_start = on_checkpoint = None
+    if monitor is not None:
+        # The kNN floors are measured once, before the first step; a resumed run reads them back.
+        floors = functools.partial(monitor.floors, save_dir=ckpt_dir, restore_dir=restore_dir)
+        on_start = clock.timed("knn", floors)
+        on_checkpoint = clock.timed("knn", monitor)
     train_loop.run(
         strategy,
         model,
@@ -88,21 +102,33 @@ def run_stage(
         metrics,
         settings,
         checkpoint_dir=ckpt_dir,
-        restore_dir=checkpoint_dir or os.path.join(model_run_dir, "checkpoints"),
+        restore_dir=restore_dir,
         summary_dir=os.path.join(run_dir, "train"),
-        on_checkpoint=monitor,
+        on_checkpoint=on_checkpoint,
+        on_start=on_start,
+        clock=clock,
     )
     results = {}
     if task.evaluates:
-        dataset = data_lib.eval_dataset(eval_files, task.spec, rt.eval_batch_size)
-        results = train_loop.evaluate(model, dataset)
-        train_loop.log_eval(results, os.path.join(run_dir, "eval"), task.total_steps, config.stage)
+        with clock.phase("eval"):
+            dataset = data_lib.eval_dataset(eval_files, task.spec, rt.eval_batch_size)
+            results = train_loop.evaluate(model, dataset)
+            # Every accuracy names what produced it: the online probe or the stage's protocol.
+            protocol = getattr(config.train, "finetune_protocol", "")
+            label = {"pretrain": "pretrain (online linear probe)"}.get(config.stage, config.stage)
+            if config.stage == "finetune" and protocol not in ("", "auto"):
+                label = f"finetune ({protocol})"
+            train_loop.log_eval(results, os.path.join(run_dir, "eval"), task.total_steps, label)
+    with clock.phase("export"):
+        module = export.ServingModule(
+            model, tft_output, label_names, task.spec.stored_size, task.spec.image_format
+        )
+        export.export_serving_model(module, export_dir)
+    seconds = clock.summary(PHASES)
+    print(train_loop.format_seconds(config.stage, seconds), flush=True)
     with tf.io.gfile.GFile(os.path.join(run_dir, "results.json"), "w") as f:
         summary = {"stage": config.stage, "total_steps": task.total_steps}
         summary["num_train_examples"] = task.num_examples
-        json.dump({**summary, **results, **(monitor.last if monitor else {})}, f, indent=2)
-    module = export.ServingModule(
-        model, tft_output, label_names, task.spec.stored_size, task.spec.image_format
-    )
-    export.export_serving_model(module, export_dir)
+        knn = monitor.last if monitor else {}
+        json.dump({**summary, **results, **knn, "seconds": seconds}, f, indent=2)
     return results

@@ -1,5 +1,5 @@
 """The custom training loop: GradientTape steps under a tf.distribute strategy, with
-checkpoint/resume, TensorBoard summaries and a progress line.
+checkpoint/resume, TensorBoard summaries, a progress line and wall time per phase.
 
 Not `model.fit`: SimCLR needs two views per image, a loss over the global batch (negatives
 gathered across replicas) and per-optimizer weight decay, as in the reference.
@@ -7,9 +7,10 @@ gathered across replicas) and per-optimizer weight decay, as in the reference.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import tensorflow as tf
@@ -27,6 +28,52 @@ class LoopSettings:
     global_batch_size: int
     keep_checkpoint_max: int
     jit_compile: bool = False
+
+
+class PhaseClock:
+    """Wall seconds per named phase of a Trainer stage, summed over every entry into a phase.
+
+    What is not training (start-up, tracing, evaluation, export) is what a small run spends
+    most of its time on, so each stage reports where its wall time went. Phases must not nest;
+    `total()` is the wall time since the clock was made, so `total() - sum(seconds)` is what no
+    phase covered.
+    """
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - begin
+
+    def timed(self, name: str, fn: Callable) -> Callable:
+        """`fn` with each call counted in phase `name`."""
+
+        def call(*args, **kwargs):
+            with self.phase(name):
+                return fn(*args, **kwargs)
+
+        return call
+
+    def total(self) -> float:
+        return time.perf_counter() - self.started
+
+    def summary(self, order: tuple[str, ...] = ()) -> dict[str, float]:
+        """Seconds per phase (`order` first, each listed one present, zero if never entered),
+        then `total`."""
+        phases = {name: self.seconds.get(name, 0.0) for name in order}
+        phases.update({k: v for k, v in self.seconds.items() if k not in phases})
+        return {**phases, "total": self.total()}
+
+
+def format_seconds(stage: str, seconds: dict[str, float]) -> str:
+    """One line: `<stage>: seconds setup 1.2 | build 3.4 | ... | total 20.5`."""
+    return f"{stage}: seconds " + " | ".join(f"{k} {v:.1f}" for k, v in seconds.items())
 
 
 def _format_eta(seconds: float) -> str:
@@ -48,6 +95,8 @@ def run(
     summary_dir: str,
     on_checkpoint: Callable[[int], dict[str, float]] | None = None,
     restore_dir: str = "",
+    on_start: Callable[[int], dict[str, float]] | None = None,
+    clock: PhaseClock | None = None,
 ) -> int:
     """Trains to settings.total_steps, resuming from the newest checkpoint in restore_dir.
 
@@ -58,23 +107,35 @@ def run(
     skips the examples already consumed so the record order continues where it stopped.
     Checkpoints are complete before CheckpointManager records them, so a kill mid-write never
     replaces the last good one. Returns the final step.
+
+    on_start(step) runs once after the restore, with the step training starts from (0 unless
+    resumed); on_checkpoint(step) after each checkpoint. The scalars either returns are logged
+    at that step and printed. `clock` receives the loop's phases: build (checkpoint restore),
+    setup (input pipeline, summary writer), trace (the first step, alone, so that tracing is
+    not counted as training), train (the other steps and their summaries) and checkpoint.
     """
-    with strategy.scope():
-        global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, global_step=global_step)
-    manager = tf.train.CheckpointManager(
-        checkpoint, checkpoint_dir, max_to_keep=settings.keep_checkpoint_max
-    )
-    latest = tf.train.latest_checkpoint(restore_dir or checkpoint_dir)
-    if latest:
-        checkpoint.restore(latest).expect_partial()
-    start = int(global_step.numpy())
+    clock = clock or PhaseClock()
+    with clock.phase("build"):
+        with strategy.scope():
+            global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+            checkpoint = tf.train.Checkpoint(
+                model=model, optimizer=optimizer, global_step=global_step
+            )
+        manager = tf.train.CheckpointManager(
+            checkpoint, checkpoint_dir, max_to_keep=settings.keep_checkpoint_max
+        )
+        latest = tf.train.latest_checkpoint(restore_dir or checkpoint_dir)
+        if latest:
+            checkpoint.restore(latest).expect_partial()
+        start = int(global_step.numpy())
     if latest:
         log.info("Restored %s at step %d", latest, start)
         print(f"{settings.stage}: resuming from {latest} (step {start})", flush=True)
-    skip = start * settings.global_batch_size
-    dataset = strategy.distribute_datasets_from_function(lambda ctx: make_dataset(ctx, skip))
-    iterator = iter(dataset)
+    with clock.phase("setup"):
+        skip = start * settings.global_batch_size
+        dataset = strategy.distribute_datasets_from_function(lambda ctx: make_dataset(ctx, skip))
+        iterator = iter(dataset)
+        writer = tf.summary.create_file_writer(summary_dir)
 
     # XLA compiles the replica step only; the loop around it keeps the iterator outside XLA.
     replica_step = tf.function(step_fn, jit_compile=True) if settings.jit_compile else step_fn
@@ -85,61 +146,84 @@ def run(
             strategy.run(replica_step, args=next(iterator))
             global_step.assign_add(1)
 
-    writer = tf.summary.create_file_writer(summary_dir)
+    def report(step: int, extra: dict[str, float]) -> None:
+        with writer.as_default(step=step):
+            for name, value in extra.items():
+                tf.summary.scalar(name, value)
+        if extra:
+            print(
+                f"{settings.stage} step {step}: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in extra.items()),
+                flush=True,
+            )
+
+    if on_start is not None:
+        report(start, on_start(start))
     step = start
     last_time, last_step = time.perf_counter(), step
     t_start = last_time
+    traced = False
     while step < settings.total_steps:
         boundary = min(
             settings.total_steps,
             (step // settings.log_every + 1) * settings.log_every,
             (step // settings.checkpoint_every + 1) * settings.checkpoint_every,
         )
-        train_steps(iterator, tf.constant(boundary - step))
-        step = int(global_step.numpy())
-        now = time.perf_counter()
-        # Metrics no step updated (supervised ones without online linear eval) are not reported.
-        values = {
-            name: float(m.result().numpy()) for name, m in metrics.items() if m.count.numpy() > 0
-        }
-        lr = optimizer.learning_rate
-        # Under a strategy the optimizer's current rate is a MirroredVariable, which float()
-        # rejects; reading it as a tensor takes the local copy.
-        lr_value = float(tf.convert_to_tensor(lr(step) if callable(lr) else lr))
-        with writer.as_default(step=step):
-            for name, value in values.items():
-                tf.summary.scalar(f"train/{name}", value)
-            tf.summary.scalar("learning_rate", lr_value)
-        for m in metrics.values():
-            m.reset_state()
-        if step % settings.log_every == 0 or step == settings.total_steps:
-            rate = (step - last_step) * settings.global_batch_size / max(now - last_time, 1e-9)
-            eta = (settings.total_steps - step) * (now - t_start) / max(step - start, 1)
-            shown = " | ".join(
-                f"{k} {v:.4f}"
-                for k, v in values.items()
-                if k
-                in ("total_loss", "contrast_loss", "contrast_acc", "distill_loss", "supervised_acc")
-            )
-            print(
-                f"{settings.stage} step {step}/{settings.total_steps} | {shown} | "
-                f"lr {lr_value:.4g} | {rate:.1f} img/s | ETA {_format_eta(eta)}",
-                flush=True,
-            )
-            last_time, last_step = now, step
-        if step % settings.checkpoint_every == 0 or step == settings.total_steps:
-            manager.save(checkpoint_number=step)
-            if on_checkpoint is not None:
-                extra = on_checkpoint(step)
-                with writer.as_default(step=step):
-                    for name, value in extra.items():
-                        tf.summary.scalar(name, value)
-                if extra:
-                    print(
-                        f"{settings.stage} step {step}: "
-                        + ", ".join(f"{k} {v:.4f}" for k, v in extra.items()),
-                        flush=True,
+        remaining = boundary - step
+        if not traced:
+            # The same traced function as every later call (the count is a tensor).
+            with clock.phase("trace"):
+                train_steps(iterator, tf.constant(1))
+                step = int(global_step.numpy())
+            traced, remaining = True, remaining - 1
+        with clock.phase("train"):
+            if remaining:
+                train_steps(iterator, tf.constant(remaining))
+            step = int(global_step.numpy())
+            now = time.perf_counter()
+            # Metrics no step updated (supervised ones without online linear eval) are not
+            # reported.
+            values = {
+                name: float(m.result().numpy())
+                for name, m in metrics.items()
+                if m.count.numpy() > 0
+            }
+            lr = optimizer.learning_rate
+            # Under a strategy the optimizer's current rate is a MirroredVariable, which float()
+            # rejects; reading it as a tensor takes the local copy.
+            lr_value = float(tf.convert_to_tensor(lr(step) if callable(lr) else lr))
+            with writer.as_default(step=step):
+                for name, value in values.items():
+                    tf.summary.scalar(f"train/{name}", value)
+                tf.summary.scalar("learning_rate", lr_value)
+            for m in metrics.values():
+                m.reset_state()
+            if step % settings.log_every == 0 or step == settings.total_steps:
+                rate = (step - last_step) * settings.global_batch_size / max(now - last_time, 1e-9)
+                eta = (settings.total_steps - step) * (now - t_start) / max(step - start, 1)
+                shown = " | ".join(
+                    f"{k} {v:.4f}"
+                    for k, v in values.items()
+                    if k
+                    in (
+                        "total_loss",
+                        "contrast_loss",
+                        "contrast_acc",
+                        "distill_loss",
+                        "supervised_acc",
                     )
+                )
+                print(
+                    f"{settings.stage} step {step}/{settings.total_steps} | {shown} | "
+                    f"lr {lr_value:.4g} | {rate:.1f} img/s | ETA {_format_eta(eta)}",
+                    flush=True,
+                )
+                last_time, last_step = now, step
+        if step % settings.checkpoint_every == 0 or step == settings.total_steps:
+            with clock.phase("checkpoint"):
+                manager.save(checkpoint_number=step)
+            if on_checkpoint is not None:
+                report(step, on_checkpoint(step))
     writer.flush()
     return step
 

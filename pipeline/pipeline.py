@@ -93,8 +93,9 @@ def min_top1(config: SimCLRConfig, num_classes: int | None) -> float:
     """The top-1 floor the Evaluator applies: --min_top1, or clearly above chance (-1)."""
     if config.eval.min_top1 >= 0:
         return config.eval.min_top1
-    if config.data.labels_file:
-        with tf.io.gfile.GFile(config.data.labels_file) as f:
+    if config.data.labels_file and not config.data.labels_file.startswith("gs://"):
+        # A local list is cheap to count; a gs:// one is read only where components run.
+        with open(config.data.labels_file) as f:
             num_classes = sum(1 for line in f if line.strip())
     num_classes = num_classes or DATASET_CLASSES.get(config.data.dataset)
     if not num_classes:
@@ -199,8 +200,7 @@ def create_pipeline(
     )
     transform_config = {"image_size": d.stored_size, "image_format": d.image_format}
     if d.labels_file:
-        with tf.io.gfile.GFile(d.labels_file) as f:
-            transform_config["label_names"] = [line.strip() for line in f if line.strip()]
+        transform_config["labels_file"] = d.labels_file  # read when Transform runs
     transform = tfx.components.Transform(
         examples=example_gen.outputs["examples"],
         schema=schema_gen.outputs["schema"],

@@ -10,6 +10,7 @@ The report test reads run B's report; the e2e tests assert on all four.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 import signal
@@ -94,6 +95,7 @@ class Scenario:
     model_dir: pathlib.Path
     args: list[str]
     killed_at: list[int]  # checkpoint steps on disk when run A was killed
+    killed_files: dict[str, str]  # sha256 of the newest checkpoint's files at the kill
     killed_output: str
     resumed: subprocess.CompletedProcess
 
@@ -133,6 +135,10 @@ def build_scenario(cifar_dir: pathlib.Path, root: pathlib.Path) -> Scenario:
     killed_output = kill_mid_pretraining(args, out, root / "killed.log")
     [stage_dir] = stage_dirs(out, "pretrain")
     killed_at = checkpoints(stage_dir)
+    killed_files = {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in stage_dir.glob(f"ckpt-{killed_at[-1]}.*")
+    }
     resumed = run_pipeline(args)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    return Scenario(data, out, args, killed_at, killed_output, resumed)
+    return Scenario(data, out, args, killed_at, killed_files, killed_output, resumed)

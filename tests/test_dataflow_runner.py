@@ -378,8 +378,10 @@ def test_train_input_has_static_shapes(tmp_path):
 
 @pytest.mark.e2e
 def test_local_imagenet_rehearsal(tmp_path):
-    """local_runner.py --dataset=imagenet2012 on ILSVRC-layout folders: ResNet-50 at 224, one
-    step per stage, fine-tuning on a 1%-style file list, through Evaluator and Pusher."""
+    """local_runner.py --dataset=imagenet2012 on ILSVRC-layout folders: 224 px JPEG storage, one
+    step per stage, fine-tuning on a 1%-style file list, through Evaluator and Pusher. The
+    network is a narrow ResNet-18: this checks the ImageNet plumbing; the ResNet-50 step at 224
+    is compiled by test_resnet50_imagenet_step_compiles_with_xla."""
     data = write_imagenet_fixture(tmp_path / "imagenet")
     subset = tmp_path / "1percent.txt"
     listed = write_subset_list(data, subset, per_class=2)
@@ -393,6 +395,8 @@ def test_local_imagenet_rehearsal(tmp_path):
             "--eval_split=val",
             f"--model_dir={out}",
             f"--label_subset={subset}",
+            "--resnet_depth=18",
+            "--width_multiplier=0.125",
             "--train_batch_size=4",
             "--train_steps=1",
             "--finetune_train_batch_size=4",

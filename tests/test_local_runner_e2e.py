@@ -5,11 +5,13 @@ command again; here its runs are checked for resuming, caching and gating. A sec
 trains supervised on TFDS-style TFRecords and shows that a degraded candidate is never pushed.
 """
 
+import hashlib
 import json
 import pathlib
 import re
 
 import pytest
+import tensorflow as tf
 
 from pipeline import summary as summary_lib
 from tests import pipeline_runs
@@ -74,6 +76,21 @@ def test_killed_pretraining_resumes_from_its_last_checkpoint(pipeline_scenario, 
     assert _results(resumed, "pretrain")["total_steps"] == PRETRAIN_STEPS
     checkpoints = pipeline_runs.checkpoints(stage_dir)
     assert checkpoints[-1] == PRETRAIN_STEPS and last in checkpoints
+    # The checkpoint it resumed from is untouched, and every listed one is complete: model,
+    # optimizer (its step and momentum slots) and the global step agree.
+    assert pipeline_scenario.killed_files and all(
+        hashlib.sha256((stage_dir / name).read_bytes()).hexdigest() == digest
+        for name, digest in pipeline_scenario.killed_files.items()
+    )
+    for step in checkpoints:
+        reader = tf.train.load_checkpoint(str(stage_dir / f"ckpt-{step}"))
+        keys = reader.get_variable_to_shape_map()
+        assert reader.get_tensor("global_step/.ATTRIBUTES/VARIABLE_VALUE") == step
+        assert reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE") == step
+        assert any(k.startswith("model/resnet/") for k in keys)
+        slots = [k for k in keys if k.startswith("optimizer/_variables/")]
+        # One momentum slot per trained variable, and training has moved them off zero.
+        assert len(slots) > 10 and any(abs(reader.get_tensor(k)).sum() > 0 for k in slots)
     # And it went on through evaluation to a pushed model.
     assert COMPONENTS <= set(resumed.components)
     assert resumed.blessed is True and resumed.pushed
@@ -151,13 +168,13 @@ def test_tfrecords_supervised_then_degraded_candidate_is_blocked(tmp_path):
         f"--data_dir={data}",
         f"--model_dir={out}",
         "--train_mode=finetune",
-        "--width_multiplier=0.25",
+        "--width_multiplier=0.125",
         "--optimizer=momentum",
         "--warmup_epochs=0",
-        "--train_batch_size=64",
+        "--train_batch_size=32",
         "--log_every_steps=20",
     ]
-    first = run_pipeline(common + ["--train_steps=80", "--learning_rate=2.0"])
+    first = run_pipeline(common + ["--train_steps=60", "--learning_rate=2.0"])
     assert first.returncode == 0
     metadata = str(out / "metadata.sqlite")
     run1 = summary_lib.latest_run(metadata)

@@ -168,12 +168,20 @@ def _configured_names(ids: tf.Tensor, label_names: Sequence[str]) -> tf.Tensor:
     return tf.where(in_range, looked_up, tf.strings.as_string(ids))
 
 
+def _label_names(custom_config: dict) -> list[str]:
+    if custom_config.get("labels_file"):
+        with tf.io.gfile.GFile(custom_config["labels_file"]) as f:
+            return [line.strip() for line in f if line.strip()]
+    return list(custom_config.get("label_names") or ())
+
+
 def preprocessing_fn(inputs: dict, custom_config: dict) -> dict:
     """Decodes and stores images, assigns integer labels and emits the id->name vocabulary.
 
     custom_config: `image_size` (stored size: the square's side for 'raw', the shorter side for
-    'jpeg'), `image_format` ('raw' or 'jpeg', default 'raw'), optional `label_names` (names for
-    integer ids when the data carries none).
+    'jpeg'), `image_format` ('raw' or 'jpeg', default 'raw'), optional `label_names` or
+    `labels_file` (names for integer ids when the data carries none; the file, one name a line,
+    is read here, when Transform runs, so compiling a pipeline reads nothing from storage).
     """
     image_size = int(custom_config["image_size"])
     image_format = custom_config.get("image_format", "raw")
@@ -187,7 +195,7 @@ def preprocessing_fn(inputs: dict, custom_config: dict) -> dict:
         names = raw_label
     elif raw_label.dtype.is_integer:
         label = tf.cast(raw_label, tf.int64)
-        names = _configured_names(label, custom_config.get("label_names") or ())
+        names = _configured_names(label, _label_names(custom_config))
     else:
         raise TypeError(f"label must be an integer id or a string name, got {raw_label.dtype}")
     if _LABEL_NAME_FEATURE in inputs:

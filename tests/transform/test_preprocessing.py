@@ -142,8 +142,11 @@ def raw_run(tmp_path_factory):
         "label": tf.io.FixedLenFeature([], tf.int64),
         "filename": tf.io.FixedLenFeature([], tf.string),
     }
-    config = {"image_size": 32, "label_names": ["cat", "dog", "bird"]}
-    examples, output = _run_transform(tmp_path_factory.mktemp("raw"), instances, spec, config)
+    root = tmp_path_factory.mktemp("raw")
+    # The class names come from a labels file that Transform itself reads when it runs.
+    (root / "labels.txt").write_text("cat\ndog\nbird\n")
+    config = {"image_size": 32, "labels_file": str(root / "labels.txt")}
+    examples, output = _run_transform(root, instances, spec, config)
     by_key = {_feature(e, pp.KEY_KEY).decode(): e for e in examples}
     return by_key, dict(zip(NAMES, labels, strict=True)), output
 
