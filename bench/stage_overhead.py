@@ -1,14 +1,17 @@
 """Where one Trainer stage's wall time goes, on the demo's data and model.
 
     python bench/stage_overhead.py --train_steps=22 --knn_every_epochs=1
+    python bench/stage_overhead.py --stage=finetune --base_model=<a pretrain export> \
+        --train_steps=22
 
 The data are the demo's (`--dataset=digits`: scikit-learn's digits rendered as 32x32 PNGs, the
 seeded 1,437/360 split) passed once through this project's tf.Transform `preprocessing_fn` with
 tf.Transform's Beam implementation, as the Transform component does (cached in --work_dir).
 The configuration is the digits preset (ResNet-18 x0.25, batch 128, checkpoints every epoch of
 11 steps) with fewer steps, so the run is mostly the non-training overhead that the demo pays
-once per stage. `models.driver.run_stage` runs the pretrain stage and, with --finetune, the
-linear-eval stage from its export, as the Trainer component does.
+once per stage. `models.driver.run_stage` runs one stage, as the Trainer component does: the
+pretrain stage, or the linear-eval stage from --base_model (the `serving_model` folder a
+pretrain run of this script printed).
 
 Reported per stage, as JSON: the wall time of the run_stage call, coarse phases timed from
 outside (before the loop, the loop, kNN inside the loop, in-Trainer evaluation, export; these
@@ -51,11 +54,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--train_steps", type=int, default=22, help="Steps of each stage.")
     p.add_argument("--knn_every_epochs", type=int, default=1, help="0 turns the monitor off.")
-    p.add_argument("--finetune", action="store_true", help="Also run the linear-eval stage.")
+    p.add_argument("--stage", default="pretrain", choices=("pretrain", "finetune"))
+    p.add_argument("--base_model", default="", help="The pretrain export finetune starts from.")
     p.add_argument("--work_dir", default="/tmp/simclr_overhead", help="Cache of transformed data.")
     args = p.parse_args(argv)
     if args.train_steps < 1 or args.knn_every_epochs < 0:
         p.error("--train_steps must be positive and --knn_every_epochs >= 0")
+    if (args.stage == "finetune") != bool(args.base_model):
+        p.error("--base_model is needed by --stage=finetune, and only by it")
     return args
 
 
@@ -203,22 +209,18 @@ def run(args: argparse.Namespace, stage: str, paths: dict, run_dir: pathlib.Path
     }
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     work_dir = pathlib.Path(args.work_dir)
     paths = transformed_digits(work_dir)
-    runs = work_dir / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    run_dir = work_dir / "runs" / time.strftime("%Y%m%d-%H%M%S") / args.stage
     load_before = os.getloadavg()[0]
-    reports = []
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer's own lines
-        reports.append(run(args, "pretrain", paths, runs / "pretrain", None))
-        if args.finetune:
-            base = str(runs / "pretrain" / "serving_model")
-            reports.append(run(args, "finetune", paths, runs / "finetune", base))
-    for report in reports:
-        report["load_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-        print(json.dumps(report))
-    return reports
+        report = run(args, args.stage, paths, run_dir, args.base_model or None)
+    report["load_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    report["export"] = str(run_dir / "serving_model")
+    print(json.dumps(report))
+    return report
 
 
 if __name__ == "__main__":

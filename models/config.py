@@ -16,7 +16,17 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
+# Residual blocks in each of the four groups, by ResNet depth (TensorFlow-free, so flag checks
+# can use it without loading TensorFlow).
+BLOCKS_PER_GROUP: dict[int, tuple[int, int, int, int]] = {
+    18: (2, 2, 2, 2),
+    34: (3, 4, 6, 3),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+    200: (3, 24, 36, 3),
+}
+RESNET_DEPTHS = tuple(BLOCKS_PER_GROUP)
 STAGES = ("pretrain", "finetune", "distill")
 OPTIMIZERS = ("lars", "momentum", "adam")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import tensorflow as tf
 import tensorflow_transform as tft
 import tf_keras as keras
+from tf_keras.src.saving.legacy.saved_model import utils as keras_saving_utils
 
 from models import data as data_lib
 from models.model import ENDPOINTS
@@ -45,7 +46,7 @@ class ServingModule(tf.Module):
         self._image_format = image_format
         size = model.image_size
         # No autograph: nothing here branches on tensors, and converting Transform's Keras layer
-        # and its loaded graph costs tens of seconds of tracing at every export.
+        # and its loaded graph, or the model's layers, costs seconds of tracing at every export.
         self.serve_examples = tf.function(
             self._serve_examples,
             input_signature=[tf.TensorSpec([None], tf.string, name="examples")],
@@ -54,6 +55,7 @@ class ServingModule(tf.Module):
         self.serve_images = tf.function(
             self._serve_images,
             input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="images")],
+            autograph=False,
         )
         # The released-checkpoint calling convention: a `__call__` with a Python bool
         # `trainable`, traced once for each value, plus the variables a fine-tuner trains.
@@ -98,11 +100,19 @@ class ServingModule(tf.Module):
 
 
 def export_serving_model(module: ServingModule, export_dir: str) -> None:
+    """Saves `module` with both signatures.
+
+    Keras would also trace every layer's call functions into the SavedModel (for
+    `keras.models.load_model`, which nothing here uses: clients call the signatures or
+    `__call__`, and later stages read the variables), which took most of the save time, so
+    those traces are left out as `model.save(save_traces=False)` does.
+    """
     signatures = {
         "serving_default": module.serve_examples.get_concrete_function(),
         SERVING_IMAGES: module.serve_images.get_concrete_function(),
     }
-    tf.saved_model.save(module, export_dir, signatures=signatures)
+    with keras_saving_utils.keras_option_scope(save_traces=False, in_tf_saved_model_scope=False):
+        tf.saved_model.save(module, export_dir, signatures=signatures)
 
 
 def restore_backbone(model: keras.Model, saved_model_dir: str) -> None:

@@ -47,7 +47,9 @@ def backbone_embedding(model: keras.Model) -> Callable[[tf.Tensor], tf.Tensor]:
     """
     size = model.image_size
 
-    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+    @tf.function(
+        input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)], autograph=False
+    )
     def embed(images: tf.Tensor) -> tf.Tensor:
         features = model.resnet(images, training=False)["final_avg_pool"]
         return tf.math.l2_normalize(tf.cast(features, tf.float32), axis=-1)
@@ -103,7 +105,9 @@ def weighted_knn_predict(
     k = min(k, int(bank.shape[0]))
 
     # One trace for every chunk, the shorter last one included.
-    @tf.function(input_signature=[tf.TensorSpec([None, bank.shape[1]], tf.float32)])
+    @tf.function(
+        input_signature=[tf.TensorSpec([None, bank.shape[1]], tf.float32)], autograph=False
+    )
     def predict(chunk: tf.Tensor) -> tf.Tensor:
         similarity = tf.matmul(chunk, bank, transpose_b=True)
         top_similarity, top_index = tf.math.top_k(similarity, k=k)

@@ -146,7 +146,9 @@ def import_projection_head(head: ProjectionHead, path: str, selector: int) -> in
         return 0
     loaded = tf.saved_model.load(path)
     source: dict[tuple[int, str], tf.Variable] = {}
-    for variable in loaded.variables:
+    # A loaded SavedModel is no tf.Module: find its variables by walking the object graph.
+    variables = (t for t in tf.train.TrackableView(loaded).descendants())
+    for variable in (v for v in variables if isinstance(v, tf.Variable)):
         key = _head_key(variable.name)
         if key is not None:
             source[key] = variable

@@ -11,16 +11,10 @@ from collections.abc import Callable
 import tensorflow as tf
 import tf_keras as keras
 
+from models.config import BLOCKS_PER_GROUP
+
 BATCH_NORM_EPSILON = 1e-5
 BOTTLENECK_EXPANSION = 4
-BLOCKS_PER_GROUP: dict[int, tuple[int, int, int, int]] = {
-    18: (2, 2, 2, 2),
-    34: (3, 4, 6, 3),
-    50: (3, 4, 6, 3),
-    101: (3, 4, 23, 3),
-    152: (3, 8, 36, 3),
-    200: (3, 24, 36, 3),
-}
 ENDPOINTS = (
     "initial_conv",
     "initial_max_pool",

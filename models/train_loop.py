@@ -137,8 +137,12 @@ def run(
         iterator = iter(dataset)
         writer = tf.summary.create_file_writer(summary_dir)
 
-    # XLA compiles the replica step only; the loop around it keeps the iterator outside XLA.
-    replica_step = tf.function(step_fn, jit_compile=True) if settings.jit_compile else step_fn
+    # Autograph is needed for the loop below only. The step's own code (model, loss, optimizer)
+    # branches on Python values alone, and converting it made the first step's trace slower.
+    replica_step = tf.autograph.experimental.do_not_convert(step_fn)
+    if settings.jit_compile:
+        # XLA compiles the replica step only; the loop around it keeps the iterator outside XLA.
+        replica_step = tf.function(replica_step, jit_compile=True, autograph=False)
 
     @tf.function
     def train_steps(iterator, steps: tf.Tensor) -> None:
@@ -231,7 +235,10 @@ def run(
 def evaluate(model: keras.Model, dataset: tf.data.Dataset) -> dict[str, float]:
     """Top-1 / top-5 accuracy of the supervised head over one pass of `dataset`."""
 
-    @tf.function
+    # One trace for every batch size, without autograph (nothing here branches on tensors).
+    @tf.function(
+        input_signature=[dataset.element_spec[0], dataset.element_spec[1]], autograph=False
+    )
     def batch_stats(images: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
         logits = tf.cast(model(images, training=False)["logits_sup"], tf.float32)
         k = min(5, int(logits.shape[-1]))

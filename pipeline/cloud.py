@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from models.config import BLOCKS_PER_GROUP
 from pipeline.configs import ConfigError, SimCLRConfig
 
 if TYPE_CHECKING:
@@ -299,16 +300,6 @@ def validate_cloud_config(config: SimCLRConfig) -> None:
 
 # ----- will the batch fit the accelerator? -----
 
-# Residual blocks per group, as in models/resnet.py (kept here so flag checks need no
-# TensorFlow; tests/pipeline/test_cloud.py compares the two).
-_BLOCKS_PER_GROUP: dict[int, tuple[int, int, int, int]] = {
-    18: (2, 2, 2, 2),
-    34: (3, 4, 6, 3),
-    50: (3, 4, 6, 3),
-    101: (3, 4, 23, 3),
-    152: (3, 8, 36, 3),
-    200: (3, 24, 36, 3),
-}
 # Tensors of each convolution's size that the backward pass keeps: the conv's output and its
 # batch-norm(+ReLU) output.
 _KEPT_PER_CONV = 2
@@ -333,7 +324,7 @@ def activation_elements(depth: int, width_multiplier: float, image_size: int) ->
         total = side * side * width
         side = math.ceil(side / 2)
         total += side * side * width
-    for group, blocks in enumerate(_BLOCKS_PER_GROUP[depth]):
+    for group, blocks in enumerate(BLOCKS_PER_GROUP[depth]):
         filters = width * 2**group
         out_channels = filters * (4 if bottleneck else 1)
         for block in range(blocks):

@@ -471,6 +471,15 @@ def validate(config: SimCLRConfig, num_replicas: int = 1) -> None:
         "width_multiplier",
         f"must be an integer or a fraction below 1, got {m.width_multiplier}",
     )
+    # Measured: TF 2.16's oneDNN CPU kernels corrupt the heap (the process aborts) when the
+    # stem has 8 channels (width 1/8) at 192 px and above; 12 channels (3/16) run.
+    need(
+        not (m.width_multiplier < 0.1875 and d.image_size >= 192)
+        or os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0",
+        "width_multiplier",
+        f"{m.width_multiplier} at --image_size={d.image_size} crashes TensorFlow's oneDNN CPU "
+        "kernels; use >= 0.1875 (or set TF_ENABLE_ONEDNN_OPTS=0)",
+    )
     need(m.sk_ratio >= 0, "sk_ratio", "must be >= 0")
     need(m.se_ratio >= 0, "se_ratio", "must be >= 0")
     need(0 < m.batch_norm_decay < 1, "batch_norm_decay", "must be in (0, 1)")

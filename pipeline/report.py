@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from tensorflow_metadata.proto.v0 import anomalies_pb2, statistics_pb2
 
+from models import knn as knn_lib
 from pipeline import summary as summary_lib
 from pipeline.configs import SimCLRConfig
 from pipeline.image_example_gen.executor import REPORT_FILE as INGESTION_REPORT_FILE
@@ -60,6 +61,12 @@ PRETRAIN_SUPERVISED_HELP = (
     "online linear eval: top-1 of the stop-gradient linear head on training batches"
 )
 KNN_HELP = "weighted kNN top-1 of backbone features on the eval split"
+# What pretraining has to beat, measured once before its first step.
+FLOOR_HELP = {
+    knn_lib.RANDOM_INIT_METRIC: "kNN floor: the randomly initialized backbone, before step 1",
+    knn_lib.RAW_PIXELS_METRIC: "kNN floor: raw pixels (the evaluation view, flattened)",
+}
+BELOW_RAW_PIXELS = "Pretraining ended below the raw-pixel kNN floor on this data"
 
 
 # ----------------------------------------------------------------------------- reading
@@ -200,6 +207,31 @@ def read_ingestion_report(examples_uri: str | None) -> dict:
         return {}
     with tf.io.gfile.GFile(path) as f:
         return json.load(f)
+
+
+@dataclass(frozen=True)
+class KnnResult:
+    """Pretraining's last kNN top-1 and the two floors it is judged against (None: not run)."""
+
+    final: float | None
+    random_init: float | None
+    raw_pixels: float | None
+
+
+def read_knn(model_run_uri: str | None) -> KnnResult | None:
+    """The kNN numbers in a Trainer's results.json; None without the file or without any of
+    them (the monitor is off unless --knn_every_epochs is set)."""
+    path = os.path.join(model_run_uri or "", "results.json")
+    if not model_run_uri or not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as f:
+        results = json.load(f)
+    knn = KnnResult(
+        results.get(knn_lib.METRIC),
+        results.get(knn_lib.RANDOM_INIT_METRIC),
+        results.get(knn_lib.RAW_PIXELS_METRIC),
+    )
+    return None if knn == KnnResult(None, None, None) else knn
 
 
 def read_label_names(summary: summary_lib.RunSummary, ingestion: dict) -> list[str]:
@@ -364,7 +396,7 @@ def _panel(tag: str) -> str:
         return "learning rate"
     if tag.endswith("loss"):
         return "loss"
-    if "acc" in tag:
+    if "acc" in tag or tag in FLOOR_HELP:
         return "accuracy"
     return "other"
 
@@ -383,6 +415,9 @@ def plot_curves(stage: str, scalars: dict[str, list[tuple[int, float]]], path: s
         ax = fig.add_subplot(1, len(order), i + 1)
         for tag in panels[name]:
             steps, values = zip(*scalars[tag], strict=True)
+            if tag in FLOOR_HELP:  # one value at step 0: a level to compare the curves with
+                ax.axhline(values[-1], linestyle="--", linewidth=1, label=tag)
+                continue
             ax.plot(steps, values, marker="o" if len(steps) <= 30 else None, ms=3, label=tag)
         ax.set_title(f"{stage}: {name}")
         ax.set_xlabel("step")
@@ -570,6 +605,8 @@ def _blessing(
 
 
 def _help(stage: str, tag: str) -> str:
+    if tag in FLOOR_HELP:
+        return FLOOR_HELP[tag]
     if "knn" in tag:
         return KNN_HELP
     if stage == "pretrain" and tag == "train/supervised_acc":
@@ -582,6 +619,45 @@ def _scalar_text(tag: str, value: float) -> str:
     if "acc" in tag or "loss" in tag:
         return f"{value:.4f}"
     return f"{value:.0f}" if value.is_integer() else f"{value:.4g}"
+
+
+def knn_parts(knn: KnnResult | None) -> list[str]:
+    """Pretraining's final kNN top-1 beside its floors, and what that difference means.
+
+    A representation that classifies the eval split worse than its own pixels has not learned
+    anything a nearest-neighbour rule can use; the page says so rather than leave it to be
+    read off the numbers.
+    """
+    parts = ["<h2>What pretraining bought (weighted kNN top-1, eval split)</h2>"]
+    if knn is None:
+        return parts + [
+            "<p>No kNN numbers: the monitor is off unless <code>--knn_every_epochs</code> is "
+            "set.</p>"
+        ]
+    rows = [
+        ["after pretraining (backbone features)", _fmt(knn.final)],
+        ["floor: random-init backbone", _fmt(knn.random_init)],
+        ["floor: raw pixels", _fmt(knn.raw_pixels)],
+    ]
+    parts.append(_table(["kNN top-1", "value"], rows, (1,)))
+    if knn.final is not None and knn.raw_pixels is not None and knn.final < knn.raw_pixels:
+        parts.append(
+            f'<p class="bad"><b>{_e(BELOW_RAW_PIXELS)}</b>: its features classify the eval '
+            f"split worse ({_fmt(knn.final)}) than the raw pixels do "
+            f"({_fmt(knn.raw_pixels)}).</p>"
+        )
+    elif knn.final is not None:
+        margins = [
+            f"{knn.final - floor:+.4f} against {name}"
+            for name, floor in (
+                ("raw pixels", knn.raw_pixels),
+                ("the random-init backbone", knn.random_init),
+            )
+            if floor is not None
+        ]
+        if margins:
+            parts.append(f"<p>kNN top-1 after pretraining: {_e(', '.join(margins))}.</p>")
+    return parts
 
 
 def _curves(summary: summary_lib.RunSummary, run_dir: str) -> list[str]:
@@ -704,6 +780,11 @@ def write_report(metadata_path: str, out_dir: str, config: SimCLRConfig | None =
     parts = [
         *_header(summary),
         *_evaluation(result, names, run_dir),
+        *(
+            knn_parts(read_knn(summary.model_run_uris["pretrain"]))
+            if "pretrain" in summary.model_run_uris
+            else []
+        ),
         *_blessing(summary, result, config),
         *_curves(summary, run_dir),
         *_data(summary, ingestion, names),

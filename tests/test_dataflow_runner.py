@@ -328,7 +328,7 @@ def restore_policy():
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])
 def test_imagenet_step_compiles_with_xla_in_bfloat16(stage, restore_policy):
     """The ImageNet config (224 px, bfloat16) on a narrow ResNet-18 to keep CPU compile short."""
-    results = _xla_step(18, 0.125, stage)
+    results = _xla_step(18, 0.25, stage)
     assert all(tf.math.is_finite(v) for v in results.values())
     assert results["total_loss"] > 0
 
@@ -396,7 +396,7 @@ def test_local_imagenet_rehearsal(tmp_path):
             f"--model_dir={out}",
             f"--label_subset={subset}",
             "--resnet_depth=18",
-            "--width_multiplier=0.125",
+            "--width_multiplier=0.25",
             "--train_batch_size=4",
             "--train_steps=1",
             "--finetune_train_batch_size=4",

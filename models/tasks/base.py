@@ -167,6 +167,12 @@ def make_metrics(names: tuple[str, ...]) -> dict[str, keras.metrics.Mean]:
     return {name: keras.metrics.Mean(f"train/{name}") for name in names}
 
 
+def record(metrics: dict[str, keras.metrics.Mean], **values: tf.Tensor) -> None:
+    """Adds this step's values to the running means of the same names."""
+    for name, value in values.items():
+        metrics[name].update_state(value)
+
+
 def scale_loss(optimizer: keras.optimizers.Optimizer, loss: tf.Tensor) -> tf.Tensor:
     """The replica's share of a replica-local mean loss (gradients are summed across replicas),
     loss-scaled for float16. Call it inside the tape."""

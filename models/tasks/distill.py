@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from models.loss import distillation_loss, partially_labeled_loss
 from models.model import SimCLRModel
-from models.tasks.base import Task, apply_gradients, scale_loss
+from models.tasks.base import Task, apply_gradients, record, scale_loss
 
 METRIC_NAMES = ("total_loss", "distill_loss", "supervised_loss", "supervised_acc", "weight_decay")
 
@@ -48,10 +48,13 @@ class DistillTask(Task):
                 loss = distill + t.distill_label_weight * sup_loss + wd
                 scaled = scale_loss(optimizer, loss)
             apply_gradients(tape, scaled, model, optimizer)
-            metrics["total_loss"].update_state(loss)
-            metrics["distill_loss"].update_state(distill)
-            metrics["supervised_loss"].update_state(sup_loss)
-            metrics["supervised_acc"].update_state(sup_acc)
-            metrics["weight_decay"].update_state(wd)
+            record(
+                metrics,
+                total_loss=loss,
+                distill_loss=distill,
+                supervised_loss=sup_loss,
+                supervised_acc=sup_acc,
+                weight_decay=wd,
+            )
 
         return step

@@ -16,7 +16,7 @@ import tensorflow as tf
 from models import export
 from models.loss import supervised_loss
 from models.model import SavedModelBackbone, SimCLRModel, import_projection_head
-from models.tasks.base import Task, apply_gradients, scale_loss
+from models.tasks.base import Task, apply_gradients, record, scale_loss
 
 METRIC_NAMES = ("total_loss", "supervised_loss", "supervised_acc", "weight_decay")
 
@@ -32,10 +32,13 @@ def supervised_step(model, optimizer, metrics, task: Task) -> Callable:
             loss = sup_loss + wd
             scaled = scale_loss(optimizer, loss)
         apply_gradients(tape, scaled, model, optimizer)
-        metrics["total_loss"].update_state(loss)
-        metrics["supervised_loss"].update_state(sup_loss)
-        metrics["supervised_acc"].update_state(sup_acc)
-        metrics["weight_decay"].update_state(wd)
+        record(
+            metrics,
+            total_loss=loss,
+            supervised_loss=sup_loss,
+            supervised_acc=sup_acc,
+            weight_decay=wd,
+        )
 
     return step
 

@@ -12,7 +12,7 @@ from models.config import PretrainConfig
 from models.loss import contrastive_metrics, nt_xent_loss, supervised_loss
 from models.model import SimCLRModel
 from models.optimizers import weight_decay_loss
-from models.tasks.base import Task, apply_gradients, make_metrics, scale_loss
+from models.tasks.base import Task, apply_gradients, make_metrics, record, scale_loss
 
 METRIC_NAMES = (
     "total_loss",
@@ -45,8 +45,7 @@ def contrastive_step(
                     tf.concat([labels, labels], 0), outputs["logits_sup"]
                 )
                 loss += sup_loss
-                metrics["supervised_loss"].update_state(sup_loss)
-                metrics["supervised_acc"].update_state(sup_acc)
+                record(metrics, supervised_loss=sup_loss, supervised_acc=sup_acc)
             wd = weight_decay_loss(model.trainable_variables, train.weight_decay, train.optimizer)
             loss += wd
             scaled = scale_loss(optimizer, loss)
@@ -54,11 +53,7 @@ def contrastive_step(
         # As the reference logs them: over view-1 anchors against the view-2 block only.
         half = tf.shape(con.logits)[1] // 2
         stats = contrastive_metrics(con.logits[:, :half], con.labels[:, :half])
-        metrics["total_loss"].update_state(loss)
-        metrics["contrast_loss"].update_state(con.loss)
-        metrics["contrast_acc"].update_state(stats["contrast_acc"])
-        metrics["contrast_entropy"].update_state(stats["contrast_entropy"])
-        metrics["weight_decay"].update_state(wd)
+        record(metrics, total_loss=loss, contrast_loss=con.loss, weight_decay=wd, **stats)
 
     return step
 

@@ -1,7 +1,9 @@
-"""The custom training loop: learning on a fixed batch, summaries, progress line, resume, eval."""
+"""The custom training loop: learning on a fixed batch, summaries, progress line, resume, eval,
+the start callback and the wall time per phase."""
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import re
 
@@ -96,6 +98,8 @@ def _run(model, optimizer, make_dataset, run_dir: pathlib.Path, total_steps: int
         loop,
         checkpoint_dir=str(run_dir / "checkpoints"),
         summary_dir=str(run_dir / "train"),
+        on_start=settings.get("on_start"),
+        clock=settings.get("clock"),
     )
 
 
@@ -171,8 +175,11 @@ def test_resumed_training_matches_uninterrupted_training(real_images, tmp_path, 
 
     resumed = _model(seed=1)  # different initial weights: all state must come from the checkpoint
     resumed_opt = _optimizer(3)
-    assert _run(resumed, resumed_opt, make, tmp_path / "resumed", 3) == 3
+    starts: list[int] = []
+    on_start = lambda step: starts.append(step) or {}  # noqa: E731
+    assert _run(resumed, resumed_opt, make, tmp_path / "resumed", 3, on_start=on_start) == 3
     assert "pretrain: resuming from" in capsys.readouterr().out
+    assert starts == [2]  # told where training starts, so it can skip step-0 work
     assert int(resumed_opt.iterations.numpy()) == int(reference_opt.iterations.numpy()) == 3
     for got, want in zip(resumed.get_weights(), reference.get_weights(), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
@@ -180,6 +187,72 @@ def test_resumed_training_matches_uninterrupted_training(real_images, tmp_path, 
     assert slots and len(slots) == len(reference_slots)
     for got, want in zip(slots, reference_slots, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+class _StepClock(train_loop.PhaseClock):
+    """Records each phase entered and the optimizer's step count when it was left."""
+
+    def __init__(self, optimizer: keras.optimizers.Optimizer) -> None:
+        super().__init__()
+        self.optimizer = optimizer
+        self.entered: list[tuple[str, int]] = []
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        with super().phase(name):
+            yield
+        self.entered.append((name, int(self.optimizer.iterations.numpy())))
+
+
+def test_loop_times_its_phases_and_traces_the_first_step_alone(real_images, tmp_path, capsys):
+    images, labels = real_images
+    optimizer = _optimizer(5)
+    clock = _StepClock(optimizer)
+    starts: list[int] = []
+
+    def on_start(step: int) -> dict[str, float]:
+        starts.append(step)
+        return {"eval/floor": 0.25}
+
+    make = _dataset_fn(images[:8], labels[:8], 8)
+    kwargs = {"log_every": 2, "checkpoint_every": 2, "on_start": on_start, "clock": clock}
+    assert _run(_model(seed=0), optimizer, make, tmp_path, 5, **kwargs) == 5
+
+    # The first step runs alone in `trace`; the rest of each boundary's steps in `train`.
+    assert clock.entered == [
+        ("build", 0),
+        ("setup", 0),
+        ("trace", 1),
+        ("train", 2),
+        ("checkpoint", 2),
+        ("train", 4),
+        ("checkpoint", 4),
+        ("train", 5),
+        ("checkpoint", 5),
+    ]
+    assert set(clock.seconds) == {"build", "setup", "trace", "train", "checkpoint"}
+    assert all(v >= 0 for v in clock.seconds.values())
+    assert sum(clock.seconds.values()) <= clock.total()
+    # on_start: once, at step 0, logged at step 0 and printed like the checkpoint callback.
+    assert starts == [0]
+    scalars = fixtures.read_scalars(tmp_path / "train")
+    assert scalars["eval/floor"] == {0: 0.25}
+    assert "pretrain step 0: eval/floor 0.2500" in capsys.readouterr().out.splitlines()
+
+
+def test_phase_clock_summary_and_line():
+    clock = train_loop.PhaseClock()
+    with clock.phase("train"):
+        pass
+    with clock.phase("export"):
+        pass
+    with clock.phase("train"):
+        pass
+    summary = clock.summary(("setup", "train"))
+    assert list(summary) == ["setup", "train", "export", "total"]
+    assert summary["setup"] == 0.0 and summary["total"] >= summary["train"] + summary["export"]
+    line = train_loop.format_seconds("pretrain", {"setup": 1.25, "train": 200.34, "total": 203})
+    assert line == "pretrain: seconds setup 1.2 | train 200.3 | total 203.0"
 
 
 class _KnownLogits(keras.Model):

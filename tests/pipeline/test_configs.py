@@ -271,3 +271,14 @@ def test_distill_trainer_gets_the_student_network():
 @pytest.mark.parametrize("classes, floor", [(2, 0.75), (3, 0.25 + 1 / 3), (10, 0.2), (1000, 0.002)])
 def test_default_gate_is_clearly_above_chance(classes, floor):
     assert configs.chance_floor(classes) == pytest.approx(floor)
+
+
+def test_width_that_crashes_onednn_at_imagenet_size_is_rejected(tmp_path, capsys, monkeypatch):
+    argv = ["--dataset=imagenet2012", f"--data_dir={tmp_path}", "--width_multiplier=0.125"]
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    with pytest.raises(SystemExit):
+        parse(argv)
+    assert "--width_multiplier: 0.125 at --image_size=224" in capsys.readouterr().err
+    assert parse(argv[:2] + ["--width_multiplier=0.25"]).model.width_multiplier == 0.25
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    assert parse(argv).model.width_multiplier == 0.125

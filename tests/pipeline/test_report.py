@@ -4,6 +4,7 @@ whose report is rendered by headless Chromium and must show that run's numbers."
 import collections
 import glob
 import html.parser
+import json
 import os
 import pathlib
 import re
@@ -16,6 +17,7 @@ import tensorflow_model_analysis as tfma
 from PIL import Image
 from tensorflow_metadata.proto.v0 import statistics_pb2
 
+from models import knn
 from pipeline import report
 from tests.pipeline_runs import BROKEN_FILE, MARKUP_CLASS, TEST_PER_CLASS, TRAIN_PER_CLASS
 
@@ -129,6 +131,51 @@ def test_count_int_labels_matches_counter(tmp_path):
     assert report.count_int_labels(str(tmp_path)) == dict(
         sorted(collections.Counter(labels.tolist()).items())
     )
+
+
+def _pretrain_run_dir(tmp_path: pathlib.Path, results: dict | None) -> str:
+    """A pretrain model_run folder whose results.json holds `results` (none if None)."""
+    run_dir = tmp_path / "model_run"
+    run_dir.mkdir()
+    if results is not None:
+        (run_dir / "results.json").write_text(json.dumps(results))
+    return str(run_dir)
+
+
+@pytest.mark.parametrize(
+    ("final", "raw", "below"),
+    [(0.8011, 0.9139, True), (0.9139, 0.9139, False), (0.9612, 0.9139, False), (0.2, None, False)],
+)
+def test_knn_section_says_so_iff_pretraining_ended_below_raw_pixels(tmp_path, final, raw, below):
+    results = {"stage": "pretrain", knn.METRIC: final, knn.RANDOM_INIT_METRIC: 0.4222}
+    if raw is not None:
+        results[knn.RAW_PIXELS_METRIC] = raw
+    found = report.read_knn(_pretrain_run_dir(tmp_path, {**results, "seconds": {"total": 1.0}}))
+    assert found == report.KnnResult(final, 0.4222, raw)
+
+    page = _Page()
+    page.feed("".join(report.knn_parts(found)))
+    text = "".join(page.text)
+    assert page.table(["kNN top-1", "value"]) == [
+        ["after pretraining (backbone features)", f"{final:.4f}"],
+        ["floor: random-init backbone", "0.4222"],
+        ["floor: raw pixels", "n/a" if raw is None else f"{raw:.4f}"],
+    ]
+    assert (report.BELOW_RAW_PIXELS in text) is below
+    if below:
+        assert f"worse ({final:.4f}) than the raw pixels do ({raw:.4f})" in text
+    else:
+        margin = "" if raw is None else f"{final - raw:+.4f} against raw pixels, "
+        assert f"{margin}{final - 0.4222:+.4f} against the random-init backbone" in text
+
+
+def test_knn_section_without_the_monitor(tmp_path):
+    assert report.read_knn(_pretrain_run_dir(tmp_path, None)) is None
+    assert report.read_knn(str(tmp_path / "model_run")) is None
+    (tmp_path / "model_run" / "results.json").write_text(json.dumps({"stage": "pretrain"}))
+    assert report.read_knn(str(tmp_path / "model_run")) is None
+    text = "".join(report.knn_parts(None))
+    assert "--knn_every_epochs" in text and report.BELOW_RAW_PIXELS not in text
 
 
 # ----------------------------------------------------------------------------- a real run
