@@ -109,7 +109,10 @@ class PretrainConfig(StageConfig):
         True, "Train a linear classifier on stop-gradient features while pretraining."
     )
     knn_every_epochs: int = opt(
-        0, "Every N epochs, weighted kNN top-1 of backbone features on the eval split; 0 = off."
+        0,
+        "Every N epochs, weighted kNN top-1 of backbone features on the eval split; 0 = off. "
+        "Before the first step it also logs the floors: the same kNN with the randomly "
+        "initialized encoder and on raw pixels.",
     )
 
 

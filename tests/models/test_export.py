@@ -128,8 +128,14 @@ def test_serving_default_classifies_raw_jpeg_examples(served, finetune_run, tran
     n = len(transformed.eval_jpegs)
     assert served_probs.shape == (n, 10) and ids.shape == scores.shape == names.shape == (n, 5)
     np.testing.assert_allclose(served_probs, probabilities, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(ids, np.argsort(-probabilities, axis=1, kind="stable")[:, :5])
-    np.testing.assert_allclose(scores, np.take_along_axis(probabilities, ids, 1), atol=1e-5)
+    # The served ids are the five most probable classes in descending order. Near-ties (a head
+    # that barely left its zero init) may come in either order, so ids are checked through the
+    # reference probabilities they point at, not against one argsort.
+    picked = np.take_along_axis(probabilities, ids, 1)
+    sixth = -np.sort(-probabilities, axis=1)[:, 5]
+    assert (np.diff(picked, axis=1) <= 1e-6).all() and (picked[:, -1] >= sixth - 1e-6).all()
+    assert all(len(set(row)) == 5 for row in ids.tolist())
+    np.testing.assert_allclose(scores, picked, atol=1e-5)
     class_names = np.array(transformed.class_names)
     assert [[s.decode() for s in row] for row in names] == class_names[ids].tolist()
     assert class_names.tolist() == sorted(class_names.tolist()) and len(class_names) == 10
