@@ -8,7 +8,6 @@ Each stage ends with one line of wall seconds per phase (also in results.json un
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 import tensorflow as tf
@@ -42,8 +41,7 @@ def run_stage(
     Checkpoints go to `checkpoint_dir` (default: under model_run_dir); a rerun pointed at the
     same directory continues from its newest checkpoint.
     """
-    clock = train_loop.PhaseClock()
-    rt = config.runtime
+    clock, rt = train_loop.PhaseClock(), config.runtime
     with clock.phase("setup"):
         tf.keras.utils.set_random_seed(rt.seed)
         set_precision(rt.mixed_precision)
@@ -64,35 +62,17 @@ def run_stage(
         task.initialize(model)
         optimizer = task.build_optimizer()
         metrics = task.build_metrics()
-    print(
-        f"{config.stage}: {task.num_examples} examples, {inputs.num_classes} classes, batch "
-        f"{task.batch_size}, {task.total_steps} steps on {strategy.num_replicas_in_sync} "
-        "replica(s)",
-        flush=True,
-    )
-    if config.stage != "pretrain" and task.total_steps < 100:
-        print(
-            f"warning: {config.stage}: only {task.total_steps} training steps; a supervised "
-            "stage needs about 100 or more to move far from its starting point",
-            flush=True,
-        )
-    t = config.train
-    settings = train_loop.LoopSettings(
-        stage=config.stage,
-        total_steps=task.total_steps,
-        checkpoint_every=max(1, t.checkpoint_steps or t.checkpoint_epochs * task.epoch_steps),
-        log_every=rt.log_every_steps,
-        global_batch_size=task.batch_size,
-        keep_checkpoint_max=rt.keep_checkpoint_max,
-        jit_compile=rt.jit_compile,
-    )
+    task.announce(strategy.num_replicas_in_sync)
+    settings = task.loop_settings()
     monitor = task.monitor(model, settings.checkpoint_every)
-    on_start = on_checkpoint = None
+    hooks = {}
     if monitor is not None:
         # The kNN floors are measured once, before the first step; a resumed run reads them back.
         floors = functools.partial(monitor.floors, save_dir=ckpt_dir, restore_dir=restore_dir)
-        on_start = clock.timed("knn", floors)
-        on_checkpoint = clock.timed("knn", monitor)
+        hooks = {
+            "on_start": clock.timed("knn", floors),
+            "on_checkpoint": clock.timed("knn", monitor),
+        }
     train_loop.run(
         strategy,
         model,
@@ -104,21 +84,16 @@ def run_stage(
         checkpoint_dir=ckpt_dir,
         restore_dir=restore_dir,
         summary_dir=os.path.join(run_dir, "train"),
-        on_checkpoint=on_checkpoint,
-        on_start=on_start,
         clock=clock,
+        **hooks,
     )
     results = {}
     if task.evaluates:
         with clock.phase("eval"):
             dataset = data_lib.eval_dataset(eval_files, task.spec, rt.eval_batch_size)
             results = train_loop.evaluate(model, dataset)
-            # Every accuracy names what produced it: the online probe or the stage's protocol.
-            protocol = getattr(config.train, "finetune_protocol", "")
-            label = {"pretrain": "pretrain (online linear probe)"}.get(config.stage, config.stage)
-            if config.stage == "finetune" and protocol not in ("", "auto"):
-                label = f"finetune ({protocol})"
-            train_loop.log_eval(results, os.path.join(run_dir, "eval"), task.total_steps, label)
+            log_dir = os.path.join(run_dir, "eval")
+            train_loop.log_eval(results, log_dir, task.total_steps, task.eval_label)
     with clock.phase("export"):
         module = export.ServingModule(
             model, tft_output, label_names, task.spec.stored_size, task.spec.image_format
@@ -126,9 +101,6 @@ def run_stage(
         export.export_serving_model(module, export_dir)
     seconds = clock.summary(PHASES)
     print(train_loop.format_seconds(config.stage, seconds), flush=True)
-    with tf.io.gfile.GFile(os.path.join(run_dir, "results.json"), "w") as f:
-        summary = {"stage": config.stage, "total_steps": task.total_steps}
-        summary["num_train_examples"] = task.num_examples
-        knn = monitor.last if monitor else {}
-        json.dump({**summary, **results, **knn, "seconds": seconds}, f, indent=2)
+    knn = monitor.last if monitor else {}
+    task.write_results(os.path.join(run_dir, "results.json"), {**results, **knn}, seconds)
     return results

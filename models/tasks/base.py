@@ -7,6 +7,7 @@ under a strategy with checkpoints, evaluation and export.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from models.model import SimCLRModel
 from models.optimizers import build_optimizer, weight_decay_loss
 from models.schedule import WarmUpAndCosineDecay, total_train_steps
 from models.strategy import wrap_optimizer
+from models.train_loop import LoopSettings
 
 # Below this many steps a supervised stage barely moves from its initialization.
 FEW_STEPS = 100
@@ -141,6 +143,48 @@ class Task:
         return None
 
     # ----- shared -----
+    @property
+    def eval_label(self) -> str:
+        """How the stage's eval accuracy is printed: every accuracy names what produced it."""
+        return self.config.stage
+
+    def announce(self, num_replicas: int) -> None:
+        """One line of what will run, and a warning when a supervised stage barely trains."""
+        stage = self.config.stage
+        print(
+            f"{stage}: {self.num_examples} examples, {self.inputs.num_classes} classes, batch "
+            f"{self.batch_size}, {self.total_steps} steps on {num_replicas} replica(s)",
+            flush=True,
+        )
+        if stage != "pretrain" and self.total_steps < FEW_STEPS:
+            print(
+                f"warning: {stage}: only {self.total_steps} training steps; a supervised stage "
+                f"needs about {FEW_STEPS} or more to move far from its starting point",
+                flush=True,
+            )
+
+    def loop_settings(self) -> LoopSettings:
+        t, rt = self.config.train, self.config.runtime
+        return LoopSettings(
+            stage=self.config.stage,
+            total_steps=self.total_steps,
+            checkpoint_every=max(1, t.checkpoint_steps or t.checkpoint_epochs * self.epoch_steps),
+            log_every=rt.log_every_steps,
+            global_batch_size=self.batch_size,
+            keep_checkpoint_max=rt.keep_checkpoint_max,
+            jit_compile=rt.jit_compile,
+        )
+
+    def write_results(self, path: str, metrics: dict[str, float], seconds: dict) -> None:
+        """results.json: what the stage trained on, its metrics and its phase seconds."""
+        summary = {
+            "stage": self.config.stage,
+            "total_steps": self.total_steps,
+            "num_train_examples": self.num_examples,
+        }
+        with tf.io.gfile.GFile(path, "w") as f:
+            json.dump({**summary, **metrics, "seconds": seconds}, f, indent=2)
+
     def build_optimizer(self) -> keras.optimizers.Optimizer:
         t = self.config.train
         schedule = WarmUpAndCosineDecay(

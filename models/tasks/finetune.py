@@ -50,6 +50,10 @@ class FinetuneTask(Task):
         return self.labeled_keys
 
     @property
+    def eval_label(self) -> str:
+        return f"finetune ({self.config.train.finetune_protocol})"
+
+    @property
     def imported(self) -> bool:
         """The base model is a released-format SavedModel (--checkpoint), not our pretraining."""
         return self.config.train.checkpoint != ""

@@ -70,6 +70,8 @@ class PretrainTask(Task):
     def evaluates(self) -> bool:  # the probe is the only supervised head pretraining has
         return self.config.train.lineareval_while_pretraining
 
+    eval_label = "pretrain (online linear probe)"
+
     def build_model(self) -> SimCLRModel:
         return SimCLRModel(
             self.config.model,

@@ -146,7 +146,9 @@ def test_finetune_from_released_format_savedmodel(
 
 def _head_variables(path: str) -> dict[str, np.ndarray]:
     loaded = tf.saved_model.load(path)
-    return {v.name: v.numpy() for v in loaded.variables if "projection_head/layer_0/" in v.name}
+    found = tf.train.TrackableView(loaded).descendants()
+    variables = [v for v in found if isinstance(v, tf.Variable)]
+    return {v.name: v.numpy() for v in variables if "projection_head/layer_0/" in v.name}
 
 
 def test_imported_checkpoint_fine_tunes_from_its_pretrained_projection_layer(
@@ -170,8 +172,12 @@ def test_imported_checkpoint_fine_tunes_from_its_pretrained_projection_layer(
     tuned = _head_variables(kwargs["serving_model_dir"])
     kernels = [name for name in pretrained if name.endswith("kernel:0")]
     assert kernels and set(pretrained) <= set(tuned)
-    for name, value in pretrained.items():  # learning rate 0: exactly the imported values
-        np.testing.assert_array_equal(tuned[name], value, err_msg=name)
+    # Learning rate 0: the weights are exactly the imported ones (batch-norm moving statistics
+    # took one training step's update, so they are not compared).
+    weights = [name for name in pretrained if "moving_" not in name]
+    assert len(weights) >= 3  # kernel, gamma, beta
+    for name in weights:
+        np.testing.assert_array_equal(tuned[name], pretrained[name], err_msg=name)
 
 
 def test_imported_checkpoint_rejects_a_partially_frozen_backbone(

@@ -300,9 +300,13 @@ def test_last_lines_reach_the_console_when_the_process_aborts(tmp_path: pathlib.
 
 
 WAIT_SCRIPT = """\
+import signal
 import subprocess
 import sys
 import time
+
+# As in a terminal: a test runner started in the background may hand down SIGINT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 sys.path.insert(0, {repo!r})
 from pipeline import console
