@@ -57,7 +57,8 @@ class Task:
         labels, keys = data_lib.read_labels_and_keys(inputs.train_files)
         self.all_keys = keys
         self.labeled_keys = self._select_labeled(labels, keys)
-        self.num_examples = len(self.training_keys() if self.training_keys() is not None else keys)
+        trained = self.training_keys()
+        self.num_examples = len(keys if trained is None else trained)
         if self.num_examples == 0:
             raise ValueError(f"{config.stage}: the training split has no examples")
         self.batch_size = self._fit_batch(config.train.train_batch_size, num_replicas)
