@@ -2,7 +2,9 @@
 
     python bench/pretrain_throughput.py --resnet_depth=18 --width_multiplier=1 --image_size=32 \
         --train_batch_size=256 --steps=3 --warmup_steps=1 [--jit_compile] [--cached_batch] \
-        [--mixed_precision=bfloat16]
+        [--mixed_precision=bfloat16] [--batch_norm=unfused] [--intra_op_threads=N]
+
+Levers compared one by one in one run: bench/step_levers.py.
 
 The data are CIFAR-10 JPEGs (--data_dir, class folders <data_dir>/train/<class>/*.jpg) passed
 once through this project's tf.Transform `preprocessing_fn` with tf.Transform's Beam
@@ -16,7 +18,8 @@ the network sees), over --steps timed steps after --warmup_steps untimed ones (t
 compilation); with --cached_batch one batch taken from the real pipeline is repeated from
 memory, so the difference to a run without it is what the input pipeline costs. The pipeline's
 own rate (batches pulled without training) is printed too. Peak memory is the process's maximum
-resident set size and, on GPU, TensorFlow's peak device allocation.
+resident set size and, on GPU, TensorFlow's peak device allocation. The step's FLOPs are counted
+from its traced graph (bench/hardware.py) and set against the CPU's peak for the precision.
 """
 
 from __future__ import annotations
@@ -39,10 +42,12 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import tensorflow as tf  # noqa: E402
 
+from bench import hardware  # noqa: E402
 from models import data as data_lib  # noqa: E402
 from models.config import RESNET_DEPTHS, ModelConfig, PretrainConfig  # noqa: E402
 from models.model import SimCLRModel  # noqa: E402
 from models.optimizers import build_optimizer  # noqa: E402
+from models.resnet import ResNet  # noqa: E402
 from models.schedule import WarmUpAndCosineDecay  # noqa: E402
 from models.strategy import make_strategy, set_precision, wrap_optimizer  # noqa: E402
 from models.tasks.pretrain import contrastive_step, pretrain_metrics  # noqa: E402
@@ -72,6 +77,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--mixed_precision", default="float32", choices=("float32", "bfloat16", "float16")
     )
+    p.add_argument(
+        "--batch_norm",
+        default="fused",
+        choices=("fused", "unfused"),
+        help="fused: Keras picks the fused kernel (this project's model); unfused: the reference.",
+    )
+    p.add_argument("--intra_op_threads", type=int, default=0, help="0: TensorFlow's default.")
+    p.add_argument("--inter_op_threads", type=int, default=0, help="0: TensorFlow's default.")
     p.add_argument(
         "--num_images",
         type=int,
@@ -152,6 +165,9 @@ def peak_memory() -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    # Thread pools are fixed when TensorFlow first runs an op; set them before anything runs.
+    tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
     set_precision(args.mixed_precision)
     strategy = make_strategy("auto")
     batch = args.train_batch_size
@@ -202,7 +218,17 @@ def main(argv: list[str] | None = None) -> dict:
     )
     total_steps = args.warmup_steps + args.steps
     with strategy.scope():
-        model = SimCLRModel(config, NUM_CLASSES, args.image_size, pretraining=True)
+        backbone = ResNet(
+            depth=config.resnet_depth,
+            width_multiplier=config.width_multiplier,
+            cifar_stem=args.image_size <= 32,
+            batch_norm_decay=config.batch_norm_decay,
+            global_bn=config.global_bn,
+            fused_batch_norm=False if args.batch_norm == "unfused" else None,
+        )
+        model = SimCLRModel(
+            config, NUM_CLASSES, args.image_size, pretraining=True, backbone=backbone
+        )
         model.build_for()
         schedule = WarmUpAndCosineDecay(
             LEARNING_RATE, args.num_images, batch, warmup_epochs=0.0, total_steps=total_steps
@@ -212,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         metrics = pretrain_metrics()
     train = PretrainConfig(temperature=TEMPERATURE, weight_decay=WEIGHT_DECAY, optimizer="lars")
-    step_fn = contrastive_step(model, optimizer, metrics, train)
+    step_fn = plain_step = contrastive_step(model, optimizer, metrics, train)
     # As train_loop.run does: XLA compiles the replica step, the distribution loop stays outside.
     if args.jit_compile:
         step_fn = tf.function(step_fn, jit_compile=True)
@@ -234,11 +260,32 @@ def main(argv: list[str] | None = None) -> dict:
     warmup_s = run_steps(args.warmup_steps) if args.warmup_steps else 0.0
     traces = train_step.experimental_get_tracing_count()
     timed_s = run_steps(args.steps)
+    # Counted on a second trace of the same step with the batch's static shapes; nothing runs.
+    sample = next(iter(make_dataset(tf.distribute.InputContext())))
+    flops = hardware.count_flops(
+        tf.function(lambda *batch: strategy.run(plain_step, args=batch)).get_concrete_function(
+            *sample
+        )
+    )
+    step_flops = sum(flops.values())
+    cpu = hardware.cpu_info()
+    peak = hardware.peak_gflops(
+        cpu, "bfloat16" if args.mixed_precision == "bfloat16" else "float32"
+    )
+    achieved = step_flops / (timed_s / args.steps) / 1e9
     result = {
         "config": {k: v for k, v in vars(args).items() if k not in ("data_dir", "work_dir")},
         "device": "GPU" if tf.config.list_logical_devices("GPU") else "CPU",
         "replicas": strategy.num_replicas_in_sync,
         "cpu_cores": os.cpu_count(),
+        "cpu": cpu.as_dict(),
+        # TensorFlow's x86 Linux builds turn oneDNN on unless this says 0.
+        "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)"),
+        "step_gflop": round(step_flops / 1e9, 2),
+        "step_gflop_by_op": {k: round(v / 1e9, 3) for k, v in sorted(flops.items())},
+        "gflops_per_s": round(achieved, 1),
+        "peak_gflops_per_s": peak,
+        "percent_of_peak": round(100 * achieved / peak, 1) if peak else None,
         # Other processes on the machine slow every number down; this says how busy it was.
         "load_average_1min": round(os.getloadavg()[0], 2),
         "prepare_data_s": round(prepare_s, 1),
@@ -253,7 +300,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"{result['images_per_s']} img/s ({result['step_s']} s/step, batch {batch}), input "
         f"pipeline alone {result['input_pipeline_images_per_s']} img/s, warm-up "
-        f"{result['warmup_s']} s, peak RSS {result['max_rss_mib']} MiB",
+        f"{result['warmup_s']} s, peak RSS {result['max_rss_mib']} MiB, "
+        f"{result['step_gflop']} GFLOP/step = {result['gflops_per_s']} GFLOP/s "
+        f"({result['percent_of_peak']}% of {peak} peak)",
         flush=True,
     )
     print(json.dumps(result), flush=True)

@@ -32,12 +32,15 @@ def batch_normalization(
     center: bool = True,
     zero_init: bool = False,
     name: str = "batch_normalization",
+    fused: bool | None = None,
 ) -> keras.layers.BatchNormalization:
     """BatchNorm with SimCLR's epsilon.
 
     The name keeps 'batch_normalization' in every variable name: the optimizer exempts variables
     from weight decay by that substring. ``global_bn`` synchronizes batch statistics across
     replicas, which contrastive training needs because negatives come from the global batch.
+    ``fused=None`` lets Keras pick the fused kernel where it applies (4-D inputs, no sync);
+    ``False`` is the reference's unfused form, kept so the step benchmark can compare the two.
     """
     return keras.layers.BatchNormalization(
         momentum=momentum,
@@ -45,6 +48,7 @@ def batch_normalization(
         center=center,
         gamma_initializer="zeros" if zero_init else "ones",
         synchronized=global_bn,
+        fused=fused,
         name=name,
     )
 
@@ -59,11 +63,14 @@ class BatchNormRelu(keras.layers.Layer):
         relu: bool = True,
         zero_init: bool = False,
         center: bool = True,
+        fused: bool | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.use_relu = relu
-        self.batch_normalization = batch_normalization(momentum, global_bn, center, zero_init)
+        self.batch_normalization = batch_normalization(
+            momentum, global_bn, center, zero_init, fused=fused
+        )
 
     def call(self, inputs: tf.Tensor, training: bool = False) -> tf.Tensor:
         outputs = self.batch_normalization(inputs, training=training)
@@ -367,6 +374,7 @@ class ResNet(keras.Model):
         batch_norm_decay: float = 0.9,
         global_bn: bool = False,
         fine_tune_after_block: int = -1,
+        fused_batch_norm: bool | None = None,
         name: str = "resnet",
         **kwargs,
     ):
@@ -392,7 +400,7 @@ class ResNet(keras.Model):
         self.width_multiplier = width_multiplier
         self.fine_tune_after_block = fine_tune_after_block
 
-        norm = functools.partial(BatchNormRelu, batch_norm_decay, global_bn)
+        norm = functools.partial(BatchNormRelu, batch_norm_decay, global_bn, fused=fused_batch_norm)
         block_cls = BasicBlock if depth < 50 else BottleneckBlock
         self._expansion = block_cls.expansion
         # Fractions below 1 are our extension for tiny CPU models; SimCLR itself uses 1, 2, 4.

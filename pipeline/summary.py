@@ -45,6 +45,38 @@ class RunSummary:
     cached: list[str] = field(default_factory=list)
     # The protocol behind the evaluated model's accuracy (linear_eval, fine_tune, ...).
     protocol: str | None = None
+    # Each executed Trainer's phase seconds (its results.json), by node name.
+    trainer_phases: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def training_seconds(self) -> float:
+        """Seconds spent in training steps: every Trainer's `train` phase (all steps but the
+        first, which its `trace` phase holds together with the tracing)."""
+        return sum(phases.get("train", 0.0) for phases in self.trainer_phases.values())
+
+    def time_lines(self, wall_seconds: float) -> list[str]:
+        """Where a run's wall time went: training steps against everything else."""
+        training = self.training_seconds()
+        components = sum(self.seconds.values())
+        out = [
+            f"time: {wall_seconds:.0f} s in all; training steps {training:.0f} s; everything "
+            f"else (non-training overhead) {wall_seconds - training:.0f} s"
+        ]
+        for node, phases in self.trainer_phases.items():
+            rest = ", ".join(
+                f"{name} {secs:.1f}"
+                for name, secs in phases.items()
+                if name not in ("train", "total")
+            )
+            total = self.seconds.get(node, phases.get("total", 0.0))
+            out.append(
+                f"  {node}: {total:.0f} s, of which training steps {phases.get('train', 0.0):.1f}; "
+                f"the rest: {rest}"
+            )
+        out.append(
+            f"  outside components (start-up, orchestration, summary): "
+            f"{wall_seconds - components:.0f} s"
+        )
+        return out
 
     def lines(self) -> list[str]:
         out = [f"run {self.run_id}: {len(self.components)} components executed"]
@@ -158,6 +190,9 @@ def latest_run(metadata_path: str) -> RunSummary:
             summary.pushed_destination = _prop(a, "pushed_destination") or None
         elif kind == "ModelRun":
             summary.model_run_uris[stage] = a.uri
+            phases = _trainer_phases(a.uri)
+            if phases and producer not in summary.cached:
+                summary.trainer_phases[producer] = phases
         elif kind == "Model":
             summary.model_uris[stage] = a.uri
         elif kind == "Examples" and "ExampleGen" in producer:
@@ -176,6 +211,14 @@ def latest_run(metadata_path: str) -> RunSummary:
             with tf.io.gfile.GFile(report) as f:
                 summary.ingestion = json.load(f).get("splits", {})
     return summary
+
+
+def _trainer_phases(model_run_uri: str) -> dict[str, float]:
+    path = os.path.join(model_run_uri, "results.json")
+    if not tf.io.gfile.exists(path):
+        return {}
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f).get("seconds", {})
 
 
 def _metric(metrics: dict, name: str) -> float | None:

@@ -97,6 +97,18 @@ def test_killed_pretraining_resumes_from_its_last_checkpoint(pipeline_scenario, 
     assert (pathlib.Path(resumed.pushed_destination) / "saved_model.pb").exists()
     assert resumed.example_count == 10 * pipeline_runs.TEST_PER_CLASS
     assert f"(protocol: {resumed.protocol})" in stdout and resumed.protocol == "linear_eval"
+    # The closing time summary: training steps (both Trainers' train phases) and the rest.
+    assert set(resumed.trainer_phases) == {"pretrain_trainer", "finetune_trainer"}
+    timing = re.search(
+        r"^time: (\d+) s in all; training steps (\d+) s; everything else \(non-training "
+        r"overhead\) (\d+) s$",
+        stdout,
+        re.M,
+    )
+    assert timing, stdout[-3000:]
+    wall, training, rest = (int(g) for g in timing.groups())
+    assert abs(training - resumed.training_seconds()) <= 0.5 and abs(wall - training - rest) <= 1
+    assert f"  pretrain_trainer: {resumed.seconds['pretrain_trainer']:.0f} s" in stdout
 
 
 @pytest.mark.e2e
@@ -107,6 +119,7 @@ def test_changing_only_the_gate_reruns_only_evaluation(pipeline_scenario, resume
     assert "Evaluator" not in run.cached and "Pusher" not in run.cached
     assert "Evaluator" in run.components and "Pusher" in run.components
     assert "pretrain step" not in result.stdout and "resuming" not in result.stdout
+    assert run.trainer_phases == {} and "; training steps 0 s;" in result.stdout
     # The stricter floor fails; the regression gate compares against the resumed run's model.
     assert run.baseline_top1 == pytest.approx(resumed.top1)
     assert run.blessed is False and not run.pushed

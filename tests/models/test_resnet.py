@@ -228,6 +228,28 @@ def test_global_bn_uses_synchronized_batch_norm():
     assert all(bn.synchronized for bn in _bn_layers(model))
 
 
+def test_fused_and_unfused_batch_norm_compute_the_same_step():
+    """The step benchmark's BN lever changes the kernel, not the maths: same outputs, gradients
+    and moving means from the same weights. (The fused kernel's moving variance takes the
+    unbiased batch variance, n/(n-1) times the unfused one; inference-time only.)"""
+    images = _images(4, 8)
+    results = []
+    for fused in (True, False):
+        keras.utils.set_random_seed(3)
+        model = ResNet(depth=18, width_multiplier=0.125, cifar_stem=True, fused_batch_norm=fused)
+        with tf.GradientTape() as tape:
+            pooled = model(images, training=True)["final_avg_pool"]
+            loss = tf.reduce_sum(pooled**2)
+        grads = tape.gradient(loss, model.trainable_variables)
+        moving = [v for v in model.variables if "moving_mean" in v.name]
+        assert all(bn.fused == fused for bn in _bn_layers(model))
+        results.append((pooled.numpy(), [g.numpy() for g in grads], [m.numpy() for m in moving]))
+    (pooled_f, grads_f, moving_f), (pooled_u, grads_u, moving_u) = results
+    np.testing.assert_allclose(pooled_f, pooled_u, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads_f + moving_f, grads_u + moving_u, strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5)
+
+
 def test_conv_kernels_use_fan_in_variance_scaling():
     model = ResNet(depth=50)
     model(_images(1, 32))

@@ -1,0 +1,34 @@
+"""pipeline/summary.py: the closing time summary of a run (the e2e tests cover reading MLMD)."""
+
+from pipeline.summary import RunSummary
+
+
+def test_time_lines_split_wall_time_into_training_steps_and_overhead():
+    summary = RunSummary(run_id="r")
+    summary.seconds = {"ExampleGen": 3.0, "pretrain_trainer": 50.0, "finetune_trainer": 20.0}
+    summary.trainer_phases = {
+        "pretrain_trainer": {
+            "setup": 2.0,
+            "trace": 6.0,
+            "train": 38.5,
+            "export": 3.5,
+            "total": 50.0,
+        },
+        "finetune_trainer": {"setup": 1.0, "train": 12.0, "export": 7.0, "total": 20.0},
+    }
+    assert summary.training_seconds() == 50.5
+    lines = summary.time_lines(100.0)
+    assert lines[0] == (
+        "time: 100 s in all; training steps 50 s; everything else (non-training overhead) 50 s"
+    )
+    assert lines[1] == (
+        "  pretrain_trainer: 50 s, of which training steps 38.5; the rest: setup 2.0, trace 6.0, "
+        "export 3.5"
+    )
+    # 100 s of wall time, 73 s inside components.
+    assert lines[-1] == "  outside components (start-up, orchestration, summary): 27 s"
+
+
+def test_time_lines_without_trainers_count_no_training():
+    summary = RunSummary(run_id="r", seconds={"Evaluator": 9.0})
+    assert summary.time_lines(30.0)[0].startswith("time: 30 s in all; training steps 0 s;")
