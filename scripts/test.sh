@@ -10,4 +10,9 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
 fi
 export TF_USE_LEGACY_KERAS=1
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest -q --durations=15 "$@"
+# Two workers: much of a test's time is single-threaded (imports, tracing, Beam start-up), so two
+# tests overlap well even on two cores. PYTEST_WORKERS=0 runs everything in this process.
+workers=${PYTEST_WORKERS:-2}
+parallel=()
+if [ "$workers" != 0 ]; then parallel=(-n "$workers" --dist loadgroup); fi
+exec .venv/bin/python -m pytest -q --durations=15 "${parallel[@]}" "$@"

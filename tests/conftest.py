@@ -26,3 +26,11 @@ def pipeline_scenario(cifar_dir, tmp_path_factory):
     from tests import pipeline_runs
 
     return pipeline_runs.build_scenario(cifar_dir, tmp_path_factory.mktemp("scenario"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """With pytest-xdist (`--dist loadgroup`), the tests that share the session's pipeline
+    scenario run on one worker, so it is built once."""
+    for item in items:
+        if "pipeline_scenario" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("pipeline_scenario"))
