@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict[str, dict] = {}
     for row in table:
         results[row.name] = run_row(row, args)
+        (out / "runs.json").write_text(json.dumps(results, indent=1))  # kept if stopped
     probe = subprocess.run(
         [sys.executable, __file__, "--nchw_probe"],
         env={**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"},

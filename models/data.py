@@ -31,11 +31,37 @@ class ImageSpec:
     image_size: int
 
 
-def _record_dataset(files: Sequence[str] | str, shuffle: bool, seed: int) -> tf.data.Dataset:
+# The training shuffle holds the whole split when its files are at most this large (CIFAR-10's
+# transformed train split: 137 MB), else a window of WINDOW_SHUFFLE_RECORDS records.
+FULL_SHUFFLE_BYTES = 256 * 2**20
+WINDOW_SHUFFLE_RECORDS = 10_000
+
+
+def _file_list(files: Sequence[str] | str) -> list[str]:
     pattern = [files] if isinstance(files, str) else list(files)
     file_list = sorted({f for p in pattern for f in tf.io.gfile.glob(p)})
     if not file_list:
         raise ValueError(f"no transformed examples found at {pattern}")
+    return file_list
+
+
+def shuffle_buffer_size(files: Sequence[str] | str, num_records: int) -> int:
+    """Records the training shuffle holds.
+
+    A window smaller than the split only mixes neighbouring records, so a split stored in class
+    order (one class folder after another, or hand-made TFRecords) would give batches of two or
+    three classes: supervised training then chases the latest classes and contrastive negatives
+    come from the positive's own class. Small splits are therefore shuffled whole; large ones
+    rely on the ingestion writing records in a seeded random order.
+    """
+    size = sum(tf.io.gfile.stat(f).length for f in _file_list(files))
+    if size <= FULL_SHUFFLE_BYTES:
+        return max(1, num_records)
+    return max(1, min(num_records, WINDOW_SHUFFLE_RECORDS))
+
+
+def _record_dataset(files: Sequence[str] | str, shuffle: bool, seed: int) -> tf.data.Dataset:
+    file_list = _file_list(files)
     ds = tf.data.Dataset.from_tensor_slices(file_list)
     if shuffle:
         ds = ds.shuffle(len(file_list), seed=seed, reshuffle_each_iteration=True)
@@ -149,6 +175,7 @@ def train_dataset(
     labeled_keys: np.ndarray | None = None,
     cache: bool = False,
     shard: tuple[int, int] = (1, 0),
+    shuffle_buffer: int = WINDOW_SHUFFLE_RECORDS,
 ) -> tf.data.Dataset:
     """Endless shuffled batches for one replica.
 
@@ -158,14 +185,15 @@ def train_dataset(
     resumes the deterministic record order after a restart without decoding the skipped records.
     `keep_keys` drops every other example; `labeled_keys` keeps them all but sets label -1
     outside the set (distillation's unlabeled images). `shard` is (number of input pipelines,
-    this pipeline's index) for multi-worker training.
+    this pipeline's index) for multi-worker training. `shuffle_buffer`: see
+    `shuffle_buffer_size`.
     """
     ds = _record_dataset(files, shuffle=True, seed=seed)
     if shard[0] > 1:
         ds = ds.shard(*shard)
     if cache:
         ds = ds.cache()
-    ds = ds.shuffle(10_000, seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
     if keep_keys is not None:
         # Before skip, which counts consumed (kept) examples, and before decoding any image.
         is_kept = _membership(keep_keys)

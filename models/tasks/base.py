@@ -56,6 +56,7 @@ class Task:
         )
         labels, keys = data_lib.read_labels_and_keys(inputs.train_files)
         self.all_keys = keys
+        self.shuffle_buffer = data_lib.shuffle_buffer_size(inputs.train_files, len(keys))
         self.labeled_keys = self._select_labeled(labels, keys)
         trained = self.training_keys()
         self.num_examples = len(keys if trained is None else trained)
@@ -121,6 +122,7 @@ class Task:
             skip_examples=skip // ctx.num_input_pipelines,
             cache=self.config.input.cache_dataset,
             shard=(ctx.num_input_pipelines, ctx.input_pipeline_id),
+            shuffle_buffer=self.shuffle_buffer,
             **kwargs,
         )
 

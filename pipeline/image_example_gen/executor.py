@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import posixpath
+import random
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -279,6 +280,23 @@ def _list_class_files(
         yield class_name, posixpath.join(class_dir, name.rstrip("/"))
 
 
+# Fixed, so the same tree is always written in the same order (reproducible training streams).
+ORDER_SEED = 20200213
+
+
+def _seeded_order(entries: list[tuple[str, str]]) -> Iterator[tuple[str, str]]:
+    """Every (class, path) of a split in one seeded random order.
+
+    Listing yields one class folder after another. Written in that order, the records reach the
+    Trainer sorted by class, and a shuffle window smaller than the split then gives batches of
+    two or three classes. Order is kept by the local runner's writes, so mixing it here mixes
+    the files; on Dataflow the shards mix it further.
+    """
+    ordered = sorted(entries)
+    random.Random(ORDER_SEED).shuffle(ordered)
+    yield from ordered
+
+
 def _one_line(error: BaseException) -> str:
     return " ".join(f"{type(error).__name__}: {error}".split())
 
@@ -354,8 +372,9 @@ def _ImageFolderToExample(
 ) -> beam.pvalue.PCollection:
     """One split's image files as tf.Examples; skips and counts go to interim files.
 
-    Class folders are listed in parallel and the files reshuffled before reading, so a tree with
-    a million files spreads over workers instead of being listed and read by one.
+    Class folders are listed in parallel, the files put in one seeded random order (see
+    `_seeded_order`) and reshuffled before reading, so a tree with a million files spreads over
+    workers instead of being read by one.
     """
     options = _parse_options(exec_properties.get(standard_component_specs.CUSTOM_CONFIG_KEY))
     class_ids = json.loads(exec_properties[_CLASS_IDS_KEY])
@@ -369,6 +388,8 @@ def _ImageFolderToExample(
         pipeline
         | "ListClassFolders" >> beam.Create(class_entries)
         | "ListFiles" >> beam.FlatMap(_list_class_files, options.max_images_per_class)
+        | "AllFiles" >> beam.combiners.ToList()
+        | "SeededOrder" >> beam.FlatMap(_seeded_order)
         | "Spread" >> beam.Reshuffle()
         | "ReadAndCheck"
         >> beam.FlatMap(_to_example, class_ids)

@@ -354,3 +354,56 @@ def test_steps_per_epoch_floors_but_is_at_least_one():
     assert data_lib.steps_per_epoch(80, 16) == 5
     assert data_lib.steps_per_epoch(81, 16) == 5
     assert data_lib.steps_per_epoch(10, 16) == 1
+
+
+# ----- shuffling a split stored in class order -----
+
+
+def _write_class_sorted(path: pathlib.Path, classes: int, per_class: int) -> str:
+    """Records one class after another, as class-folder ingestion used to write them."""
+    blob = _store(np.full((4, 4, 3), 128, np.uint8), 4, "raw")
+    with tf.io.TFRecordWriter(str(path), options="GZIP") as writer:
+        for i in range(classes * per_class):
+            feature = {
+                tp.IMAGE_KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[blob])),
+                tp.LABEL_KEY: tf.train.Feature(
+                    int64_list=tf.train.Int64List(value=[i // per_class])
+                ),
+                tp.KEY_KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"k%d" % i])),
+            }
+            writer.write(
+                tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+            )
+    return str(path)
+
+
+def test_a_small_split_stored_in_class_order_is_shuffled_whole(tmp_path):
+    """12,000 records in class order, more than a 10,000-record window: the first 2,000 drawn
+    must hold every class in about its share. A window would not have reached the last classes."""
+    files = _write_class_sorted(tmp_path / "sorted.gz", classes=10, per_class=1200)
+    buffer = data_lib.shuffle_buffer_size(files, 12_000)
+    assert buffer == 12_000
+    ds = data_lib.train_dataset(
+        files,
+        data_lib.ImageSpec(stored_size=4, image_format="raw", image_size=4),
+        250,
+        contrastive=False,
+        color_jitter_strength=0.5,
+        color_jitter_impl="v2",
+        use_blur=False,
+        seed=0,
+        shuffle_buffer=buffer,
+    )
+    labels = np.array(_label_sequence(ds, 8))
+    shares = np.bincount(labels, minlength=10) / len(labels)
+    assert shares.min() > 0.06 and shares.max() < 0.14, shares
+    # Every batch mixes the classes, not two or three of them.
+    assert min(len(set(labels[i : i + 250])) for i in range(0, 2000, 250)) == 10
+
+
+def test_shuffle_buffer_is_a_window_when_the_split_is_large(tmp_path, monkeypatch):
+    files = _write_class_sorted(tmp_path / "sorted.gz", classes=2, per_class=10)
+    assert data_lib.shuffle_buffer_size(files, 20) == 20
+    monkeypatch.setattr(data_lib, "FULL_SHUFFLE_BYTES", 10)
+    assert data_lib.shuffle_buffer_size(files, 20) == 20  # fewer records than the window
+    assert data_lib.shuffle_buffer_size(files, 50_000) == data_lib.WINDOW_SHUFFLE_RECORDS
