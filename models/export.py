@@ -47,6 +47,16 @@ class ServingModule(tf.Module):
         size = model.image_size
         # No autograph: nothing here branches on tensors, and converting Transform's Keras layer
         # and its loaded graph, or the model's layers, costs seconds of tracing at every export.
+        # The released-checkpoint calling convention: a `__call__` with a Python bool
+        # `trainable`, traced once for each value, plus the variables a fine-tuner trains.
+        self.trainable_variables_list = model.trainable_variables
+        endpoints = tf.function(self._endpoints, autograph=False)
+        image_spec = tf.TensorSpec([None, None, None, 3], tf.float32)
+        for trainable in (True, False):
+            endpoints.get_concrete_function(image_spec, trainable=trainable)
+        self.__call__ = endpoints
+        # Both signatures call the inference trace above instead of tracing the network again:
+        # each trace of the model costs seconds at export and again when the model is loaded.
         self.serve_examples = tf.function(
             self._serve_examples,
             input_signature=[tf.TensorSpec([None], tf.string, name="examples")],
@@ -57,21 +67,13 @@ class ServingModule(tf.Module):
             input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name="images")],
             autograph=False,
         )
-        # The released-checkpoint calling convention: a `__call__` with a Python bool
-        # `trainable`, traced once for each value, plus the variables a fine-tuner trains.
-        self.trainable_variables_list = model.trainable_variables
-        endpoints = tf.function(self._endpoints, autograph=False)
-        image_spec = tf.TensorSpec([None, None, None, 3], tf.float32)
-        for trainable in (True, False):
-            endpoints.get_concrete_function(image_spec, trainable=trainable)
-        self.__call__ = endpoints
 
     def _endpoints(self, images: tf.Tensor, trainable: bool) -> dict[str, tf.Tensor]:
         outputs = self.model(images, training=trainable)
         return {name: tf.cast(outputs[name], tf.float32) for name in ENDPOINTS if name in outputs}
 
     def _serve_images(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
-        return self._endpoints(images, trainable=False)
+        return self.__call__(images, trainable=False)
 
     def _serve_examples(self, examples: tf.Tensor) -> dict[str, tf.Tensor]:
         raw = tf.io.parse_example(examples, self._raw_image_spec)
@@ -87,7 +89,7 @@ class ServingModule(tf.Module):
             tf.reshape(stored, [-1]),
             fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32),
         )
-        logits = tf.cast(self.model(images, training=False)["logits_sup"], tf.float32)
+        logits = self.__call__(images, trainable=False)["logits_sup"]
         probabilities = tf.nn.softmax(logits)
         k = min(5, self.model.num_classes)
         top = tf.math.top_k(probabilities, k=k)

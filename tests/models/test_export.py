@@ -180,8 +180,10 @@ class _Echo(keras.Model):
         super().__init__()
         self.image_size = image_size
         self.num_classes = image_size * image_size * 3
+        self.traces = 0  # Python calls, i.e. how often a tf.function traced the network
 
     def call(self, images: tf.Tensor, training: bool = False) -> dict[str, tf.Tensor]:
+        self.traces += 1
         return {"logits_sup": tf.reshape(images, [tf.shape(images)[0], -1])}
 
 
@@ -231,6 +233,10 @@ def test_serving_default_center_crops_the_whole_stored_jpeg(tmp_path):
         "probabilities"
     ]
     served = np.log(probabilities.numpy()[0].astype(np.float64))
+    # Both signatures reuse __call__'s inference trace: the network is traced twice in all
+    # (training and inference), not once more per signature.
+    module.serve_images(tf.zeros([1, image_size, image_size, 3]))
+    assert model.traces == 2
 
     # What Transform stores for this file, decoded independently: 48x72, the whole image.
     stored = ref.decode(tp._encode_images(tf.constant([data]), stored_size, "jpeg").numpy()[0])
