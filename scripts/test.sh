@@ -10,9 +10,9 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
 fi
 export TF_USE_LEGACY_KERAS=1
 .venv/bin/ruff check .
-# Two workers: much of a test's time is single-threaded (imports, tracing, Beam start-up), so two
-# tests overlap well even on two cores. PYTEST_WORKERS=0 runs everything in this process.
-workers=${PYTEST_WORKERS:-2}
+# PYTEST_WORKERS=N runs N pytest-xdist workers (tests sharing the pipeline scenario stay on one).
+# Serial by default: on 2 cores two workers took as long as one (docs/benchmarks.md, Test suite).
+workers=${PYTEST_WORKERS:-0}
 parallel=()
 if [ "$workers" != 0 ]; then parallel=(-n "$workers" --dist loadgroup); fi
 exec .venv/bin/python -m pytest -q --durations=15 "${parallel[@]}" "$@"

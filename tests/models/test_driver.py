@@ -29,7 +29,9 @@ def test_every_stage_reports_its_seconds_per_phase(stage, request):
     assert list(seconds) == [*driver.PHASES, "total"]
     assert all(value >= 0 for value in seconds.values())
     phases = sum(v for k, v in seconds.items() if k != "total")
-    assert 0 <= seconds["total"] - phases <= SLACK_S
+    # What no phase covers (Python between phases): small, and no larger on a busy machine
+    # than a few percent of the stage.
+    assert 0 <= seconds["total"] - phases <= max(SLACK_S, 0.05 * seconds["total"])
     # Both stages trace, train (3+ steps), checkpoint, evaluate and export; no kNN monitor here.
     assert all(seconds[k] > 0 for k in ("setup", "build", "trace", "train", "eval", "export"))
     assert seconds["knn"] == 0
