@@ -45,8 +45,8 @@ class ServingModule(tf.Module):
         self._stored_size = stored_size
         self._image_format = image_format
         size = model.image_size
-        # No autograph: nothing here branches on tensors, and converting Transform's Keras layer
-        # and its loaded graph, or the model's layers, costs seconds of tracing at every export.
+        # No autograph below: nothing here branches on tensors, and converting Transform's Keras
+        # layer and its loaded graph, or the model's layers, costs seconds at every export.
         # The released-checkpoint calling convention: a `__call__` with a Python bool
         # `trainable`, traced once for each value, plus the variables a fine-tuner trains.
         self.trainable_variables_list = model.trainable_variables

@@ -169,13 +169,15 @@ def test_eval_dataset_covers_every_example_once(transformed):
 # ----- pixel values of training and evaluation views -----
 
 
-def _write_stored(path: pathlib.Path, stored: list[bytes]) -> str:
-    """Transformed examples as Transform writes them (stored image, label, key), GZIP."""
+def _write_stored(path: pathlib.Path, stored: list[bytes], labels: list[int] | None = None) -> str:
+    """Transformed examples as Transform writes them (stored image, label, key), GZIP; the
+    labels default to each record's index."""
+    labels = list(range(len(stored))) if labels is None else labels
     with tf.io.TFRecordWriter(str(path), options="GZIP") as writer:
-        for i, blob in enumerate(stored):
+        for i, (blob, label) in enumerate(zip(stored, labels, strict=True)):
             feature = {
                 tp.IMAGE_KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[blob])),
-                tp.LABEL_KEY: tf.train.Feature(int64_list=tf.train.Int64List(value=[i])),
+                tp.LABEL_KEY: tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
                 tp.KEY_KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"k%d" % i])),
             }
             example = tf.train.Example(features=tf.train.Features(feature=feature))
@@ -362,19 +364,8 @@ def test_steps_per_epoch_floors_but_is_at_least_one():
 def _write_class_sorted(path: pathlib.Path, classes: int, per_class: int) -> str:
     """Records one class after another, as class-folder ingestion used to write them."""
     blob = _store(np.full((4, 4, 3), 128, np.uint8), 4, "raw")
-    with tf.io.TFRecordWriter(str(path), options="GZIP") as writer:
-        for i in range(classes * per_class):
-            feature = {
-                tp.IMAGE_KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[blob])),
-                tp.LABEL_KEY: tf.train.Feature(
-                    int64_list=tf.train.Int64List(value=[i // per_class])
-                ),
-                tp.KEY_KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"k%d" % i])),
-            }
-            writer.write(
-                tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
-            )
-    return str(path)
+    count = classes * per_class
+    return _write_stored(path, [blob] * count, [i // per_class for i in range(count)])
 
 
 def test_a_small_split_stored_in_class_order_is_shuffled_whole(tmp_path):
