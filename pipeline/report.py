@@ -221,11 +221,7 @@ class KnnResult:
 def read_knn(model_run_uri: str | None) -> KnnResult | None:
     """The kNN numbers in a Trainer's results.json; None without the file or without any of
     them (the monitor is off unless --knn_every_epochs is set)."""
-    path = os.path.join(model_run_uri or "", "results.json")
-    if not model_run_uri or not tf.io.gfile.exists(path):
-        return None
-    with tf.io.gfile.GFile(path) as f:
-        results = json.load(f)
+    results = summary_lib.read_results(model_run_uri)
     knn = KnnResult(
         results.get(knn_lib.METRIC),
         results.get(knn_lib.RANDOM_INIT_METRIC),

@@ -213,12 +213,17 @@ def latest_run(metadata_path: str) -> RunSummary:
     return summary
 
 
-def _trainer_phases(model_run_uri: str) -> dict[str, float]:
-    path = os.path.join(model_run_uri, "results.json")
-    if not tf.io.gfile.exists(path):
+def read_results(model_run_uri: str | None) -> dict:
+    """A Trainer stage's results.json (metrics, kNN figures, phase seconds); empty without it."""
+    path = os.path.join(model_run_uri or "", "results.json")
+    if not model_run_uri or not tf.io.gfile.exists(path):
         return {}
     with tf.io.gfile.GFile(path) as f:
-        return json.load(f).get("seconds", {})
+        return json.load(f)
+
+
+def _trainer_phases(model_run_uri: str) -> dict[str, float]:
+    return read_results(model_run_uri).get("seconds", {})
 
 
 def _metric(metrics: dict, name: str) -> float | None:

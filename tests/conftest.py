@@ -21,6 +21,14 @@ def cifar_dir() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def transformed(cifar_dir, tmp_path_factory):
+    """One Transform output of a small CIFAR-10 subset, shared by the Trainer and bench tests."""
+    from tests.models import fixtures
+
+    return fixtures.build_transformed(cifar_dir, tmp_path_factory.mktemp("transformed"))
+
+
+@pytest.fixture(scope="session")
 def pipeline_scenario(cifar_dir, tmp_path_factory):
     """Runs A (killed mid-pretraining) and B (resumed) of tests/pipeline_runs.py, once."""
     from tests import pipeline_runs

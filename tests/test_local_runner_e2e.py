@@ -186,6 +186,8 @@ def test_tfrecords_supervised_then_degraded_candidate_is_blocked(tmp_path):
         "--warmup_epochs=0",
         "--train_batch_size=32",
         "--log_every_steps=20",
+        # The second run changes only the Trainer: ingestion and Transform come from the cache.
+        "--enable_cache",
     ]
     first = run_pipeline(common + ["--train_steps=60", "--learning_rate=2.0"])
     assert first.returncode == 0
@@ -204,6 +206,7 @@ def test_tfrecords_supervised_then_degraded_candidate_is_blocked(tmp_path):
     )
     assert degraded.returncode == 0
     run2 = summary_lib.latest_run(metadata)
+    assert "Transform" in run2.cached and "finetune_trainer" not in run2.cached
     assert run2.top1 == pytest.approx(0.1, abs=0.01)  # uniform scores: always class 0
     assert run2.baseline_top1 == pytest.approx(run1.top1)
     assert run2.blessed is False and not run2.pushed

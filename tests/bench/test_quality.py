@@ -325,8 +325,8 @@ def _raw_pixel_knn(train_files: list[str], test_files: list[str], classes: int) 
 
 
 @pytest.mark.e2e
-def test_smoke_run_reports_every_row_on_the_same_test_images(cifar_dir, tmp_path):
-    data = fixtures.build_transformed(cifar_dir, tmp_path / "transformed")
+def test_smoke_run_reports_every_row_on_the_same_test_images(transformed, tmp_path):
+    data = transformed
     out = tmp_path / "report"
     quality.main(
         [

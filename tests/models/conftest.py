@@ -1,4 +1,5 @@
-"""Session-wide Trainer fixtures: one Transform output, one pretrain run, one finetune run."""
+"""Session-wide Trainer fixtures: one pretrain run and one finetune run on the shared
+Transform output (`transformed`, tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -39,11 +40,6 @@ def _run_stage(
     return StageRun(
         config, kwargs["serving_model_dir"], kwargs["model_run_dir"], results, out.getvalue()
     )
-
-
-@pytest.fixture(scope="session")
-def transformed(cifar_dir, tmp_path_factory) -> fixtures.TransformedData:
-    return fixtures.build_transformed(cifar_dir, tmp_path_factory.mktemp("transformed"))
 
 
 @pytest.fixture(scope="session")

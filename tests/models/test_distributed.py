@@ -89,7 +89,8 @@ def _one_step(strategy, global_bn: bool, init_weights: list[np.ndarray]) -> dict
             for a in arrays
         )
 
-    @tf.function
+    # As the training loop traces the step: without autograph (nothing in it branches on tensors).
+    @tf.function(autograph=False)
     def run(view1, view2, labels):
         strategy.run(step_fn, args=(view1, view2, labels))
 

@@ -1,6 +1,8 @@
 """pipeline/summary.py: the closing time summary of a run (the e2e tests cover reading MLMD)."""
 
-from pipeline.summary import RunSummary
+import json
+
+from pipeline.summary import RunSummary, read_results
 
 
 def test_time_lines_split_wall_time_into_training_steps_and_overhead():
@@ -32,3 +34,9 @@ def test_time_lines_split_wall_time_into_training_steps_and_overhead():
 def test_time_lines_without_trainers_count_no_training():
     summary = RunSummary(run_id="r", seconds={"Evaluator": 9.0})
     assert summary.time_lines(30.0)[0].startswith("time: 30 s in all; training steps 0 s;")
+
+
+def test_read_results_reads_a_stage_folder_and_tolerates_its_absence(tmp_path):
+    assert read_results(None) == {} and read_results(str(tmp_path)) == {}
+    (tmp_path / "results.json").write_text(json.dumps({"top1": 0.5, "seconds": {"train": 2.0}}))
+    assert read_results(str(tmp_path)) == {"top1": 0.5, "seconds": {"train": 2.0}}
