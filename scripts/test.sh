@@ -10,9 +10,11 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
 fi
 export TF_USE_LEGACY_KERAS=1
 .venv/bin/ruff check .
-# PYTEST_WORKERS=N runs N pytest-xdist workers (tests sharing the pipeline scenario stay on one).
-# Serial by default: on 2 cores two workers took as long as one (docs/benchmarks.md, Test suite).
-workers=${PYTEST_WORKERS:-0}
+# pytest-xdist workers, one per core up to 2 (tests sharing the pipeline scenario stay on one):
+# most tests use one core, and two workers take the suite from 22.5 to 13.4 minutes on a 2-core
+# Intel machine (docs/benchmarks.md, Test suite). PYTEST_WORKERS=N sets N; 0 runs serially.
+cores=$(nproc 2>/dev/null || echo 1)
+workers=${PYTEST_WORKERS:-$((cores < 2 ? 0 : 2))}
 parallel=()
 if [ "$workers" != 0 ]; then parallel=(-n "$workers" --dist loadgroup); fi
 exec .venv/bin/python -m pytest -q --durations=15 "${parallel[@]}" "$@"

@@ -325,10 +325,10 @@ def restore_policy():
     keras.mixed_precision.set_global_policy("float32")
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
-def test_imagenet_step_compiles_with_xla_in_bfloat16(stage, restore_policy):
-    """The ImageNet config (224 px, bfloat16) on a narrow ResNet-18 to keep CPU compile short."""
-    results = _xla_step(18, 0.25, stage)
+def test_imagenet_finetune_step_compiles_with_xla_in_bfloat16(restore_policy):
+    """The ImageNet config (224 px, bfloat16) on a narrow ResNet-18 (basic blocks) to keep CPU
+    compile short; the pretraining step is compiled at full size below."""
+    results = _xla_step(18, 0.25, "finetune")
     assert all(tf.math.is_finite(v) for v in results.values())
     assert results["total_loss"] > 0
 
@@ -338,6 +338,7 @@ def test_resnet50_imagenet_step_compiles_with_xla(restore_policy):
     """ResNet-50 at 224, batch 2, bfloat16: 1-3 minutes of XLA compilation on 2 CPU cores."""
     results = _xla_step(50, 1, "pretrain")
     assert all(tf.math.is_finite(v) for v in results.values())
+    assert results["total_loss"] > 0
 
 
 def test_train_input_has_static_shapes(tmp_path):
