@@ -28,7 +28,6 @@ from tensorflow_metadata.proto.v0 import anomalies_pb2, statistics_pb2
 from models import knn as knn_lib
 from pipeline import summary as summary_lib
 from pipeline.configs import SimCLRConfig
-from pipeline.image_example_gen.executor import REPORT_FILE as INGESTION_REPORT_FILE
 from pipeline.pipeline import TOP1, TOP5
 
 REPORT_FILE = "report.html"
@@ -198,15 +197,6 @@ def read_thresholds(result: tfma.EvalResult) -> list[Threshold]:
                             bound = f"{sign} {getattr(change, kind).value:+.4f}"
                             rows.append(Threshold(metric.class_name, f"{kind} change", bound))
     return rows
-
-
-def read_ingestion_report(examples_uri: str | None) -> dict:
-    """The image-folder ExampleGen's report; empty for TFRecord input (ImportExampleGen)."""
-    path = os.path.join(examples_uri or "", INGESTION_REPORT_FILE)
-    if not examples_uri or not tf.io.gfile.exists(path):
-        return {}
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
 
 
 @dataclass(frozen=True)
@@ -770,7 +760,7 @@ def write_report(metadata_path: str, out_dir: str, config: SimCLRConfig | None =
     run_dir = os.path.join(out_dir, _safe_dir_name(summary.run_id))
     shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(run_dir)
-    ingestion = read_ingestion_report(summary.examples_uri)
+    ingestion = summary_lib.read_ingestion_report(summary.examples_uri)
     names = read_label_names(summary, ingestion)
     result = tfma.load_eval_result(summary.evaluation_uri) if summary.evaluation_uri else None
     parts = [

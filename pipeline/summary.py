@@ -190,7 +190,7 @@ def latest_run(metadata_path: str) -> RunSummary:
             summary.pushed_destination = _prop(a, "pushed_destination") or None
         elif kind == "ModelRun":
             summary.model_run_uris[stage] = a.uri
-            phases = _trainer_phases(a.uri)
+            phases = read_results(a.uri).get("seconds", {})
             if phases and producer not in summary.cached:
                 summary.trainer_phases[producer] = phases
         elif kind == "Model":
@@ -205,25 +205,27 @@ def latest_run(metadata_path: str) -> RunSummary:
             summary.transform_graph_uri = a.uri
     if summary.evaluation_uri:
         _read_evaluation(summary)
-    if summary.examples_uri:
-        report = os.path.join(summary.examples_uri, REPORT_FILE)
-        if tf.io.gfile.exists(report):
-            with tf.io.gfile.GFile(report) as f:
-                summary.ingestion = json.load(f).get("splits", {})
+    summary.ingestion = read_ingestion_report(summary.examples_uri).get("splits", {})
     return summary
 
 
-def read_results(model_run_uri: str | None) -> dict:
-    """A Trainer stage's results.json (metrics, kNN figures, phase seconds); empty without it."""
-    path = os.path.join(model_run_uri or "", "results.json")
-    if not model_run_uri or not tf.io.gfile.exists(path):
+def _read_json(folder: str | None, name: str) -> dict:
+    """`<folder>/<name>` parsed; empty when there is no folder or no such file."""
+    path = os.path.join(folder or "", name)
+    if not folder or not tf.io.gfile.exists(path):
         return {}
     with tf.io.gfile.GFile(path) as f:
         return json.load(f)
 
 
-def _trainer_phases(model_run_uri: str) -> dict[str, float]:
-    return read_results(model_run_uri).get("seconds", {})
+def read_ingestion_report(examples_uri: str | None) -> dict:
+    """The image-folder ExampleGen's report; empty for TFRecord input (ImportExampleGen)."""
+    return _read_json(examples_uri, REPORT_FILE)
+
+
+def read_results(model_run_uri: str | None) -> dict:
+    """A Trainer stage's results.json (metrics, kNN figures, phase seconds); empty without it."""
+    return _read_json(model_run_uri, "results.json")
 
 
 def _metric(metrics: dict, name: str) -> float | None:
