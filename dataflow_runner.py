@@ -26,6 +26,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from models.precision import choose
     from pipeline import cli, cloud
     from pipeline.configs import ConfigError
 
@@ -40,7 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     options = cloud.CloudOptions.from_flags(extras)
     try:
         options.validate()
+        if config.pretrain.warm_start:
+            raise ConfigError(
+                "--warm_start: supported by local_runner.py only; Vertex AI compiles resolvers "
+                "that filter by artifact type alone, so it could start from a fine-tuned model"
+            )
+        # The Trainers' device decides --mixed_precision=auto, before the batch-memory check.
+        precision = choose(config.runtime.mixed_precision, cloud.trainer_device(options))
+        config.runtime.mixed_precision = precision.dtype
         cloud.validate_cloud_config(config)
+        cloud.check_trainer_layout(config, options)
         cloud.check_batch_fits(config, options)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -52,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     absl_logging.set_verbosity(absl_logging.WARNING)
     from pipeline import pipeline as pipeline_lib
 
+    print(precision.line(), flush=True)
     name = config.runner.pipeline_name
     pipeline_root = options.pipeline_root(name)
     pipeline = pipeline_lib.create_pipeline(
@@ -60,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         pipeline_root=pipeline_root,
         metadata_path="",  # Vertex AI Pipelines keeps the metadata.
         push_dir=config.runner.push_dir or options.push_dir(name),
-        beam_pipeline_args=cloud.dataflow_beam_args(options),
-        trainer_factory=cloud.vertex_trainer_factory(options),
-        extra_pusher=cloud.vertex_pusher_factory(options),
+        beam_pipeline_args=cloud.dataflow_beam_args(options, name),
+        trainer_factory=cloud.vertex_trainer_factory(options, name),
+        extra_pusher=cloud.vertex_pusher_factory(options, name),
     )
     try:
         path = cloud.compile_pipeline(pipeline, options, options.pipeline_json or f"{name}.json")
@@ -83,4 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Before TensorFlow loads: its C++ start-up noise goes straight to file descriptor 2.
+    from pipeline.console import install_noise_filter
+
+    install_noise_filter()
     sys.exit(main())

@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from models.config import BLOCKS_PER_GROUP
+from models.precision import Device, choose
 from pipeline.configs import ConfigError, SimCLRConfig
 
 if TYPE_CHECKING:
@@ -26,8 +27,12 @@ if TYPE_CHECKING:
 # Vertex AI's TensorFlow serving image closest to the pipeline's TF 2.16.
 DEFAULT_SERVING_IMAGE = "us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu.2-15:latest"
 _BUCKET = re.compile(r"^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
-# What KubeflowV2DagRunner accepts as a pipeline name (tfx/orchestration/kubeflow/v2).
-_PIPELINE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,127}")
+# Vertex AI Pipelines names the run `<pipeline name>-<YYYYmmddHHMMSS>` and requires run ids of
+# `[a-z][-a-z0-9]{0,127}`: a name that starts with a letter and leaves room for 15 characters.
+_RUN_ID_SUFFIX = len("-20260101000000")
+_PIPELINE_NAME = re.compile(rf"[a-z][-a-z0-9]{{0,{127 - _RUN_ID_SUFFIX}}}")
+# Label values: at most 63 lowercase letters, digits, '-' or '_'.
+_LABEL_LENGTH = 63
 
 
 class CloudError(RuntimeError):
@@ -49,6 +54,8 @@ class Accelerator:
     counts: tuple[int, ...] = ()
     # Memory of one replica's device (a TPU core, a GPU), for the batch-size check.
     device_memory_gib: float = 0.0
+    # NVIDIA compute capability, which decides --mixed_precision=auto on GPUs.
+    gpu_capability: tuple[int, int] | None = None
 
     @property
     def is_tpu(self) -> bool:
@@ -60,7 +67,9 @@ class Accelerator:
 
 
 # On a Vertex TPU VM the chips are local: TPUClusterResolver(tpu="local").
-_TPU_FLAGS = ("--strategy=tpu", "--tpu_name=local", "--mixed_precision=bfloat16")
+# --mixed_precision=auto (the default) picks bfloat16 on both TPUs and the A100 (see
+# `trainer_device`); --accelerator makes a worker that cannot see its device stop at once.
+_TPU_FLAGS = ("--strategy=tpu", "--tpu_name=local", "--accelerator=tpu")
 # v2-8 and v3-8 hosts: 4 chips, 8 cores (the replicas), 8 / 16 GiB HBM per core. TPU v5e and
 # newer are left out: TensorFlow >= 2.15 drives them only through the PJRT runtime, which the
 # trainer image does not configure and no job has proven yet (docs/cloud.md).
@@ -71,7 +80,8 @@ ACCELERATORS: dict[str, Accelerator] = {
         "a2-highgpu-8g",
         "NVIDIA_TESLA_A100",
         8,
-        runtime_flags=("--strategy=mirrored", "--mixed_precision=bfloat16"),
+        runtime_flags=("--strategy=mirrored", "--accelerator=gpu"),
+        gpu_capability=(8, 0),
         machine_for_count="a2-highgpu-{count}g",
         counts=(1, 2, 4, 8),
         device_memory_gib=40,
@@ -92,10 +102,13 @@ class CloudOptions:
     trainer_accelerator: str = "tpu_v3"
     trainer_machine_type: str = ""
     trainer_accelerator_count: int = 0
+    trainer_replicas: int = 1
     dataflow_machine_type: str = "n2-standard-8"
     dataflow_max_workers: int = 32
     dataflow_disk_size_gb: int = 100
     dataflow_experiments: str = "use_runner_v2"
+    dataflow_timeout_hours: float = 24.0
+    trainer_timeout_hours: float = 72.0
     service_account: str = ""
     vertex_endpoint: str = ""
     serving_image: str = DEFAULT_SERVING_IMAGE
@@ -126,12 +139,22 @@ class CloudOptions:
             raise ConfigError("--dataflow_max_workers: must be >= 1")
         if self.dataflow_disk_size_gb < 10:
             raise ConfigError("--dataflow_disk_size_gb: must be >= 10")
+        for flag in ("dataflow_timeout_hours", "trainer_timeout_hours"):
+            if getattr(self, flag) <= 0:
+                raise ConfigError(f"--{flag}: must be > 0 (hours), got {getattr(self, flag)}")
         count, accelerator = self.trainer_accelerator_count, ACCELERATORS[self.trainer_accelerator]
         if count and count not in accelerator.counts:
             allowed = f"one of {accelerator.counts}" if accelerator.counts else "fixed"
             raise ConfigError(
                 f"--trainer_accelerator_count: for {self.trainer_accelerator} it is {allowed}, "
                 f"got {count}"
+            )
+        if self.trainer_replicas < 1:
+            raise ConfigError(f"--trainer_replicas: must be >= 1, got {self.trainer_replicas}")
+        if self.trainer_replicas > 1 and not accelerator.is_gpu:
+            raise ConfigError(
+                f"--trainer_replicas: more than one machine is offered for GPUs (a100), not "
+                f"{self.trainer_accelerator} (TPU slices beyond one host are not launched)"
             )
         if self.compile_only and self.submit:
             raise ConfigError("--submit: cannot be combined with --compile_only")
@@ -158,6 +181,15 @@ class CloudOptions:
     @property
     def accelerator(self) -> Accelerator:
         return ACCELERATORS[self.trainer_accelerator]
+
+    @property
+    def devices_per_machine(self) -> int:
+        return self.trainer_accelerator_count or self.accelerator.accelerator_count
+
+    @property
+    def total_replicas(self) -> int:
+        """Devices the global batch is split over: per machine, times machines."""
+        return max(1, self.devices_per_machine) * self.trainer_replicas
 
     @property
     def resolved_trainer_image(self) -> str:
@@ -198,13 +230,22 @@ def cloud_flags() -> list[tuple[str, dict]]:
             {
                 "choices": tuple(ACCELERATORS),
                 "help": f"Vertex AI training hardware (default {d.trainer_accelerator}); TPUs "
-                "set --strategy=tpu --tpu_name=local --mixed_precision=bfloat16 unless given.",
+                "set --strategy=tpu --tpu_name=local --accelerator=tpu unless given.",
             },
         ),
         ("--trainer_machine_type", {"help": "Override the accelerator's Vertex machine type."}),
         (
             "--trainer_accelerator_count",
             {"type": int, "help": "GPUs per machine for a100 (1, 2, 4 or 8; default 8)."},
+        ),
+        (
+            "--trainer_replicas",
+            {
+                "type": int,
+                "help": "Machines for each Trainer (a100 only; default 1): N machines of "
+                "--trainer_accelerator_count GPUs under MultiWorkerMirroredStrategy "
+                "(--strategy=multi_worker); --train_batch_size is the global batch over all.",
+            },
         ),
         (
             "--dataflow_machine_type",
@@ -221,6 +262,23 @@ def cloud_flags() -> list[tuple[str, dict]]:
         (
             "--dataflow_experiments",
             {"help": f"Comma-separated Dataflow experiments (default {d.dataflow_experiments})."},
+        ),
+        (
+            "--dataflow_timeout_hours",
+            {
+                "type": float,
+                "help": "Dataflow cancels each job that runs longer (default "
+                f"{d.dataflow_timeout_hours:g}).",
+            },
+        ),
+        (
+            "--trainer_timeout_hours",
+            {
+                "type": float,
+                "help": "Vertex AI ends each Trainer's custom job that runs longer (default "
+                f"{d.trainer_timeout_hours:g}: 3x the 100-epoch ImageNet estimate on a TPU v3-8; "
+                "a resubmitted run resumes from the checkpoints).",
+            },
         ),
         (
             "--service_account",
@@ -259,13 +317,54 @@ def cloud_flags() -> list[tuple[str, dict]]:
     ]
 
 
+def trainer_device(options: CloudOptions) -> Device:
+    """The device the Vertex AI Trainers compute on, for --mixed_precision=auto: decided by
+    the hardware asked for, not by the machine that compiles the pipeline."""
+    accelerator = options.accelerator
+    if accelerator.is_tpu:
+        return Device("tpu", accelerator.accelerator_type)
+    if accelerator.is_gpu:
+        capability = accelerator.gpu_capability
+        return Device("gpu", accelerator.accelerator_type, gpu_capability=capability)
+    # General-purpose N1 machines (Skylake and older) have no AMX.
+    return Device("cpu", options.trainer_machine_type or accelerator.machine_type)
+
+
 def accelerator_defaults(argv: list[str]) -> list[str]:
-    """Runtime flags implied by --trainer_accelerator; put them before argv so argv wins."""
+    """Runtime flags implied by --trainer_accelerator (and --trainer_replicas: several machines
+    train under MultiWorkerMirroredStrategy); put them before argv so argv wins."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--trainer_accelerator", default=CloudOptions.trainer_accelerator)
+    parser.add_argument("--trainer_replicas", type=int, default=CloudOptions.trainer_replicas)
     known, _ = parser.parse_known_args(argv)
     accelerator = ACCELERATORS.get(known.trainer_accelerator)
-    return list(accelerator.runtime_flags) if accelerator else []
+    flags = list(accelerator.runtime_flags) if accelerator else []
+    if known.trainer_replicas > 1:
+        flags = [f for f in flags if not f.startswith("--strategy=")] + ["--strategy=multi_worker"]
+    return flags
+
+
+def check_trainer_layout(config: SimCLRConfig, options: CloudOptions) -> None:
+    """Several machines need the multi-worker strategy, and every stage's global batch must
+    split evenly over all devices (tf.distribute refuses it otherwise, on the accelerator)."""
+    if options.trainer_replicas > 1 and config.runtime.strategy != "multi_worker":
+        raise ConfigError(
+            f"--strategy: --trainer_replicas={options.trainer_replicas} trains on several "
+            f"machines, which needs --strategy=multi_worker, got {config.runtime.strategy!r}"
+        )
+    stages = ["pretrain", "finetune"] if config.train_mode == "pretrain" else ["finetune"]
+    if config.distill.distill:
+        stages.append("distill")
+    replicas = options.total_replicas
+    for stage in stages:
+        batch = config.stage(stage).train_batch_size
+        if batch % replicas:
+            flag = ("" if stage == config.train_mode else f"{stage}_") + "train_batch_size"
+            raise ConfigError(
+                f"--{flag}: {batch} does not split evenly over {replicas} devices "
+                f"({options.trainer_replicas} machine(s) x {options.devices_per_machine}); "
+                f"use a multiple of {replicas}"
+            )
 
 
 def validate_cloud_config(config: SimCLRConfig) -> None:
@@ -274,6 +373,7 @@ def validate_cloud_config(config: SimCLRConfig) -> None:
     paths = {
         "data_dir": d.data_dir,
         "labels_file": d.labels_file,
+        "unlabeled_dir": d.unlabeled_dir,
         "label_subset": config.finetune.label_subset,
         "push_dir": config.runner.push_dir,
         "checkpoint": config.finetune.checkpoint,
@@ -288,14 +388,22 @@ def validate_cloud_config(config: SimCLRConfig) -> None:
             "--data_format: give 'tfrecord' or 'folders' (the runner does not list gs:// while "
             "compiling)"
         )
+    if d.unlabeled_dir and d.data_format != "folders":
+        raise ConfigError("--unlabeled_dir: a pool of image files goes with --data_format=folders")
     if not d.eval_split:
         raise ConfigError("--eval_split: required (e.g. 'validation' for TFDS, 'val' for ILSVRC)")
     name = config.runner.pipeline_name
     if not _PIPELINE_NAME.fullmatch(name):
         raise ConfigError(
             "--pipeline_name: Vertex AI Pipelines needs lowercase letters, digits and '-', "
-            f"starting with a letter or digit, at most 128 characters; got {name!r}"
+            f"starting with a letter, at most {128 - _RUN_ID_SUFFIX} characters (its run id "
+            f"adds -<timestamp>); got {name!r}"
         )
+
+
+def job_labels(pipeline_name: str) -> dict[str, str]:
+    """Labels on every Dataflow and Vertex AI job of the pipeline, to find (and cancel) them."""
+    return {"simclr-pipeline": pipeline_name[:_LABEL_LENGTH]} if pipeline_name else {}
 
 
 # ----- will the batch fit the accelerator? -----
@@ -353,8 +461,10 @@ def check_batch_fits(config: SimCLRConfig, options: CloudOptions) -> None:
     accelerator = options.accelerator
     if not accelerator.device_memory_gib:
         return
-    replicas = options.trainer_accelerator_count or accelerator.accelerator_count
-    dtype_bytes = 4 if config.runtime.mixed_precision == "float32" else 2
+    replicas = options.total_replicas
+    # The dtype the Trainers will use: --mixed_precision=auto decided for this hardware.
+    dtype = choose(config.runtime.mixed_precision, trainer_device(options)).dtype
+    dtype_bytes = 4 if dtype == "float32" else 2
     stages = ["pretrain", "finetune"] if config.train_mode == "pretrain" else ["finetune"]
     if config.distill.distill:
         stages.append("distill")
@@ -378,12 +488,14 @@ def check_batch_fits(config: SimCLRConfig, options: CloudOptions) -> None:
         fits = int((accelerator.device_memory_gib - RESERVED_GIB) / (views * image_gib))
         flag = ("" if stage == config.train_mode else f"{stage}_") + "train_batch_size"
         device = "core" if accelerator.is_tpu else "GPU"
+        machines = f"{options.trainer_replicas} machines, " if options.trainer_replicas > 1 else ""
         raise ConfigError(
             f"--{flag}: {batch} does not fit {options.trainer_accelerator} "
-            f"({replicas} x {accelerator.device_memory_gib:g} GiB): {per_replica} images x "
-            f"{views} view{'s' if views > 1 else ''} per {device} x {image_gib * 1024:.0f} MiB "
+            f"({machines}{replicas} x {accelerator.device_memory_gib:g} GiB): "
+            f"{per_replica} images x {views} view{'s' if views > 1 else ''} per {device} x "
+            f"{image_gib * 1024:.0f} MiB "
             f"of ResNet-{depth} (width {width:g}) activations at {config.data.image_size} px "
-            f"in {config.runtime.mixed_precision} + {RESERVED_GIB:g} GiB = {need:.1f} GiB > "
+            f"in {dtype} + {RESERVED_GIB:g} GiB = {need:.1f} GiB > "
             f"{accelerator.device_memory_gib:g} GiB; at most {fits * replicas} fits "
             f"({fits} per {device})"
         )
@@ -400,11 +512,17 @@ def cloud_layout(config: SimCLRConfig) -> DataLayout:
         splits=tuple(dict.fromkeys([d.train_split, d.eval_split])),
         train_split=d.train_split,
         eval_split=d.eval_split,
+        # Only a pool named on the command line: nothing on gs:// is listed while compiling.
+        unlabeled=d.unlabeled_dir,
     )
 
 
-def dataflow_beam_args(options: CloudOptions) -> list[str]:
-    """Beam pipeline options that run every Beam-powered component on Dataflow."""
+def dataflow_beam_args(options: CloudOptions, pipeline_name: str = "") -> list[str]:
+    """Beam pipeline options that run every Beam-powered component on Dataflow.
+
+    Each job carries the pipeline's label, so that `gcloud dataflow jobs list` finds what is
+    left running, and a wall-time limit after which Dataflow cancels it.
+    """
     root = options.bucket_root
     args = [
         "--runner=DataflowRunner",
@@ -419,7 +537,10 @@ def dataflow_beam_args(options: CloudOptions) -> list[str]:
         f"--max_num_workers={options.dataflow_max_workers}",
         f"--disk_size_gb={options.dataflow_disk_size_gb}",
         "--autoscaling_algorithm=THROUGHPUT_BASED",
+        "--dataflow_service_options=max_workflow_runtime_walltime_seconds="
+        f"{round(options.dataflow_timeout_hours * 3600)}",
     ]
+    args += [f"--labels={k}={v}" for k, v in job_labels(pipeline_name).items()]
     args += [f"--experiments={e.strip()}" for e in options.dataflow_experiments.split(",") if e]
     if options.service_account:
         args.append(f"--service_account_email={options.service_account}")
@@ -427,7 +548,9 @@ def dataflow_beam_args(options: CloudOptions) -> list[str]:
 
 
 def worker_pool_specs(options: CloudOptions) -> list[dict[str, Any]]:
-    """One Vertex AI worker pool: the accelerator machine running the trainer image."""
+    """Vertex AI worker pools: the accelerator machine running the trainer image; with
+    --trainer_replicas=N, pool 0 is the chief and pool 1 holds the N-1 other workers (Vertex AI
+    sets TF_CONFIG with a 'chief' and 'worker' tasks from them)."""
     accelerator = options.accelerator
     count = options.trainer_accelerator_count or accelerator.accelerator_count
     machine_type = accelerator.machine_type
@@ -439,10 +562,11 @@ def worker_pool_specs(options: CloudOptions) -> list[dict[str, Any]]:
         machine_spec["accelerator_count"] = count
     if accelerator.tpu_topology:
         machine_spec["tpu_topology"] = accelerator.tpu_topology
-    return [
-        {
-            "machine_spec": machine_spec,
-            "replica_count": 1,
+
+    def pool(replicas: int) -> dict[str, Any]:
+        return {
+            "machine_spec": dict(machine_spec),
+            "replica_count": replicas,
             "disk_spec": {"boot_disk_type": "pd-ssd", "boot_disk_size_gb": 100},
             # The Trainer extension sets the command (tfx.scripts.run_executor).
             "container_spec": {
@@ -450,42 +574,57 @@ def worker_pool_specs(options: CloudOptions) -> list[dict[str, Any]]:
                 "env": [{"name": "TF_USE_LEGACY_KERAS", "value": "1"}],
             },
         }
-    ]
+
+    pools = [pool(1)]
+    if options.trainer_replicas > 1:
+        pools.append(pool(options.trainer_replicas - 1))
+    return pools
 
 
-def vertex_training_args(options: CloudOptions) -> dict[str, Any]:
+def vertex_training_args(options: CloudOptions, pipeline_name: str = "") -> dict[str, Any]:
     """`ai_platform_training_args` of the Vertex Trainer: project plus a CustomJob spec.
 
     TFX hands `job_spec` to the CustomJob as it is (snake_case proto field names). With
     `restart_job_on_worker_restart` a worker that restarts (TPU host maintenance, a crash)
     restarts the job in place instead of failing it, and run_fn resumes from the checkpoints it
-    keeps under the Trainer's `checkpoint_root`.
+    keeps under the Trainer's `checkpoint_root`. `timeout` ends a job that runs longer than
+    `--trainer_timeout_hours` (Vertex's own default is 7 days).
     """
     job_spec: dict[str, Any] = {
         "worker_pool_specs": worker_pool_specs(options),
-        "scheduling": {"restart_job_on_worker_restart": True},
+        "scheduling": {
+            "restart_job_on_worker_restart": True,
+            "timeout": f"{round(options.trainer_timeout_hours * 3600)}s",
+        },
     }
     if options.service_account:
         job_spec["service_account"] = options.service_account
-    return {"project": options.project, "job_spec": job_spec}
+    args: dict[str, Any] = {"project": options.project, "job_spec": job_spec}
+    if pipeline_name:
+        args["labels"] = job_labels(pipeline_name)
+    return args
 
 
-def vertex_trainer_factory(options: CloudOptions) -> Callable[..., Any]:
-    """Trainer factory for `create_pipeline`: the same Trainer, run as a Vertex AI CustomJob.
+def vertex_trainer_factory(options: CloudOptions, pipeline_name: str = "") -> Callable[..., Any]:
+    """Trainer factory for `create_pipeline`: the same Trainer, run as a Vertex AI CustomJob
+    by `cloud_jobs.VertexTrainer` (which cancels the job when its step stops, and leases the
+    checkpoint directory to it).
 
-    The Vertex keys join the run_fn's own custom_config ({"stage", "config"}), which the job
-    hands through to run_fn unchanged.
+    The Vertex keys join the run_fn's own custom_config ({"trainer", "checkpoint_root"}), which
+    the job hands through to run_fn unchanged.
     """
     from tfx.extensions.google_cloud_ai_platform import constants
-    from tfx.extensions.google_cloud_ai_platform.trainer import component, executor
+    from tfx.extensions.google_cloud_ai_platform.trainer import executor
+
+    from pipeline import cloud_jobs
 
     def make(*, custom_config: dict[str, Any], **kwargs: Any) -> Any:
-        return component.Trainer(
+        return cloud_jobs.VertexTrainer(
             custom_config={
                 **custom_config,
                 constants.ENABLE_VERTEX_KEY: True,
                 constants.VERTEX_REGION_KEY: options.region,
-                executor.TRAINING_ARGS_KEY: vertex_training_args(options),
+                executor.TRAINING_ARGS_KEY: vertex_training_args(options, pipeline_name),
             },
             **kwargs,
         )
@@ -493,9 +632,12 @@ def vertex_trainer_factory(options: CloudOptions) -> Callable[..., Any]:
     return make
 
 
-def vertex_pusher_factory(options: CloudOptions) -> Callable[..., Any] | None:
+def vertex_pusher_factory(
+    options: CloudOptions, pipeline_name: str = "simclr"
+) -> Callable[..., Any] | None:
     """A Pusher that deploys blessed models to a Vertex AI endpoint, when one is named, and
-    then undeploys the endpoint's earlier models unless --keep_previous_deployments."""
+    then undeploys the models this pipeline deployed there before, unless
+    --keep_previous_deployments."""
     if not options.vertex_endpoint:
         return None
     from tfx.extensions.google_cloud_ai_platform import constants
@@ -508,6 +650,7 @@ def vertex_pusher_factory(options: CloudOptions) -> Callable[..., Any] | None:
             model_blessing=model_blessing,
             custom_config={
                 vertex_endpoint.UNDEPLOY_PREVIOUS_KEY: not options.keep_previous_deployments,
+                vertex_endpoint.PIPELINE_KEY: job_labels(pipeline_name)["simclr-pipeline"],
                 constants.ENABLE_VERTEX_KEY: True,
                 constants.VERTEX_REGION_KEY: options.region,
                 constants.VERTEX_CONTAINER_IMAGE_URI_KEY: options.serving_image,
@@ -543,6 +686,9 @@ def compile_pipeline(pipeline: Any, options: CloudOptions, output_path: str) -> 
     with open(output_path) as f:
         job = json.load(f)
     use_listing_driver(job)
+    from pipeline.cloud_jobs import use_stopping_step_command
+
+    use_stopping_step_command(job)
     with open(output_path, "w") as f:
         json.dump(job, f, indent=2, sort_keys=True)
     return output_path

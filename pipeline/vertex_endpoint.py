@@ -4,13 +4,18 @@ TFX's Vertex Pusher uploads each blessed model and deploys it to the endpoint at
 but leaves every earlier deployment in place with 0% traffic. Each deployed model keeps its own
 machines (`--serving_machine_type`, min replicas 1) and bills them around the clock, so after N
 blessed runs the endpoint costs N times what it serves. This executor undeploys the endpoint's
-other models once the new one is deployed (custom_config `undeploy_previous`, on unless
-`--keep_previous_deployments`). Undeployed models stay in the Model Registry, which costs
-nothing beyond their files on GCS, so an earlier model can be deployed again by hand.
+models that this pipeline deployed before, once the new one is deployed (custom_config
+`undeploy_previous`, on unless `--keep_previous_deployments`). An endpoint's display name is not
+unique to a pipeline, so each model this Pusher deploys is labelled `simclr-pipeline=<pipeline
+name>` in the Model Registry, and only models carrying this pipeline's label are undeployed;
+another pipeline's models, or ones deployed by hand, stay. Undeployed models stay in the Model
+Registry, which costs nothing beyond their files on GCS, so an earlier model can be deployed
+again by hand.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from absl import logging
@@ -23,6 +28,8 @@ from tfx.types import artifact_utils, standard_component_specs
 from tfx.utils import json_utils
 
 UNDEPLOY_PREVIOUS_KEY = "undeploy_previous"
+PIPELINE_KEY = "pipeline_name"
+OWNER_LABEL = "simclr-pipeline"
 
 
 def _model_id(resource_name: str) -> str:
@@ -33,9 +40,29 @@ def _model_id(resource_name: str) -> str:
     return f"{location}/{path.rsplit('/models/', 1)[-1]}"
 
 
-def undeploy_all_but(endpoint: Any, model_resource_name: str) -> list[str]:
-    """Undeploys every model on `endpoint` except `model_resource_name`; returns the
-    undeployed DeployedModel ids. `endpoint` is an `aiplatform.Endpoint`."""
+def _model_labels(resource_name: str) -> dict[str, str]:
+    from google.cloud import aiplatform
+
+    return dict(aiplatform.Model(resource_name).labels or {})
+
+
+def _label_model(resource_name: str, labels: dict[str, str]) -> None:
+    from google.cloud import aiplatform
+
+    model = aiplatform.Model(resource_name)
+    model.update(labels={**(model.labels or {}), **labels})
+
+
+def undeploy_all_but(
+    endpoint: Any,
+    model_resource_name: str,
+    owner: str,
+    labels_of: Callable[[str], dict[str, str]] | None = None,
+) -> list[str]:
+    """Undeploys every model on `endpoint` labelled `OWNER_LABEL=owner`, except
+    `model_resource_name`; returns the undeployed DeployedModel ids. `endpoint` is an
+    `aiplatform.Endpoint`; `labels_of` reads a model's labels (the Model Registry's)."""
+    labels_of = labels_of or _model_labels
     keep = _model_id(model_resource_name)
     deployed = endpoint.list_models()
     if not any(_model_id(d.model) == keep for d in deployed):
@@ -46,6 +73,9 @@ def undeploy_all_but(endpoint: Any, model_resource_name: str) -> list[str]:
     undeployed = []
     for d in deployed:
         if _model_id(d.model) == keep:
+            continue
+        if labels_of(d.model).get(OWNER_LABEL) != owner:
+            logging.info("Keeping %s (%s): not deployed by pipeline %s", d.id, d.model, owner)
             continue
         logging.info("Undeploying %s (%s) from %s", d.id, d.model, endpoint.resource_name)
         endpoint.undeploy(deployed_model_id=d.id, sync=True)
@@ -87,6 +117,7 @@ class Executor(vertex_executor.Executor):
             return  # not blessed: nothing new was deployed
         model = pushed.get_string_custom_property("pushed_destination")
         serving = custom_config[constants.SERVING_ARGS_KEY]
+        owner = custom_config[PIPELINE_KEY]
         from google.cloud import aiplatform
 
         aiplatform.init(
@@ -95,17 +126,20 @@ class Executor(vertex_executor.Executor):
         )
         endpoint = _find_endpoint(serving["endpoint_name"], model)
         try:
-            undeployed = undeploy_all_but(endpoint, model)
+            _label_model(model, {OWNER_LABEL: owner})
+            undeployed = undeploy_all_but(endpoint, model, owner)
         except Exception as e:
             raise RuntimeError(
                 f"deployed {model} to {endpoint.resource_name} but could not undeploy the "
-                f"earlier models ({type(e).__name__}: {' '.join(str(e).split())}); undeploy "
-                "them with `gcloud ai endpoints undeploy-model`, they bill until then"
+                f"earlier models of pipeline {owner} ({type(e).__name__}: "
+                f"{' '.join(str(e).split())}); undeploy them with "
+                "`gcloud ai endpoints undeploy-model`, they bill until then"
             ) from e
         logging.info(
-            "Endpoint %s now serves only %s; undeployed %s",
+            "Endpoint %s serves %s; undeployed pipeline %s's earlier models %s",
             endpoint.resource_name,
             model,
+            owner,
             undeployed or "nothing",
         )
 

@@ -60,11 +60,13 @@ def clean_env(tmp_path: pathlib.Path) -> dict[str, str]:
     return env
 
 
-def run_runner(args: list[str], tmp_path: pathlib.Path) -> subprocess.CompletedProcess:
+def run_runner(
+    args: list[str], tmp_path: pathlib.Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO_ROOT / "dataflow_runner.py"), *args],
         cwd=tmp_path,
-        env=clean_env(tmp_path),
+        env=clean_env(tmp_path) if env is None else env,
         capture_output=True,
         text=True,
         timeout=600,
@@ -157,10 +159,8 @@ def test_trainers_run_on_a_vertex_tpu_worker_pool(compiled):
         else:
             assert trainer["labels"]["label_subset"].endswith("1percent.txt")
         executor = executors[f"{name}_executor"]["container"]
-        assert (
-            "tfx.extensions.google_cloud_ai_platform.trainer.executor.GenericExecutor"
-            in executor["args"]
-        )
+        # The launcher that cancels its custom job when the step stops (pipeline/cloud_jobs.py).
+        assert "pipeline.cloud_jobs.LeasedTrainerExecutor" in executor["args"]
 
 
 def test_trainer_jobs_restart_in_place_and_checkpoint_under_the_pipeline_root(compiled):
@@ -176,7 +176,11 @@ def test_trainer_jobs_restart_in_place_and_checkpoint_under_the_pipeline_root(co
     for name in TRAINERS:
         custom = _param(tasks[name], "custom_config")
         training = dict(custom["ai_platform_training_args"])
-        assert training["job_spec"]["scheduling"] == {"restart_job_on_worker_restart": True}
+        assert training["job_spec"]["scheduling"] == {
+            "restart_job_on_worker_restart": True,
+            "timeout": "259200s",
+        }
+        assert training["labels"] == {"simclr-pipeline": "simclr"}
         # What TFX's Vertex client sends: the CustomJob proto built from this job_spec.
         training.pop("project")
         client = training_clients.VertexJobClient.__new__(training_clients.VertexJobClient)
@@ -184,6 +188,48 @@ def test_trainer_jobs_restart_in_place_and_checkpoint_under_the_pipeline_root(co
         assert custom_job.CustomJob(**job).job_spec.scheduling.restart_job_on_worker_restart
         assert "checkpoint_root" in custom, f"{name}: no checkpoint_root in custom_config"
         assert custom["checkpoint_root"].startswith(root + "/"), custom["checkpoint_root"]
+
+
+def test_every_step_stops_its_cloud_jobs_when_it_is_stopped(compiled):
+    """Each TFX step runs TFX's entry point under pipeline/cloud_jobs.py's, which turns
+    SIGTERM (Vertex AI Pipelines stopping the run) into cancelling its Dataflow or Vertex job;
+    Dataflow jobs carry the pipeline's label and a wall-time limit."""
+    from pipeline.cloud_jobs import STEP_COMMAND
+
+    executors = compiled["pipelineSpec"]["deploymentSpec"]["executors"]
+    containers = {name: e["container"] for name, e in executors.items() if "container" in e}
+    assert {f"{name}_executor" for name in (*BEAM_COMPONENTS, *TRAINERS)} <= set(containers)
+    for name, container in containers.items():
+        assert container["command"] == list(STEP_COMMAND), name
+    for name in BEAM_COMPONENTS:
+        args = containers[f"{name}_executor"]["args"]
+        assert "--labels=simclr-pipeline=simclr" in args
+        assert "--dataflow_service_options=max_workflow_runtime_walltime_seconds=86400" in args
+
+
+def test_trainer_replicas_compile_into_a_chief_and_worker_pool(tmp_path):
+    """--trainer_replicas=2 on a100: both Trainers' compiled CustomJob spec has a chief pool and
+    a worker pool of 8-GPU machines, and their run_fn config trains under multi_worker."""
+    pytest.importorskip(
+        "kfp.pipeline_spec", reason="compiling for Vertex AI needs kfp-pipeline-spec"
+    )
+    out = tmp_path / "job.json"
+    args = [a for a in CLOUD_ARGS if not a.startswith("--train_batch_size")]
+    args += ["--trainer_accelerator=a100", "--trainer_replicas=2", "--train_batch_size=2048"]
+    assert dataflow_runner.main(args + [f"--pipeline_json={out}", "--compile_only"]) == 0
+    tasks = json.loads(out.read_text())["pipelineSpec"]["root"]["dag"]["tasks"]
+    for name in TRAINERS:
+        custom = _param(tasks[name], "custom_config")
+        pools = custom["ai_platform_training_args"]["job_spec"]["worker_pool_specs"]
+        assert [p["replica_count"] for p in pools] == [1, 1]
+        for pool in pools:
+            assert pool["machine_spec"] == {
+                "machine_type": "a2-highgpu-8g",
+                "accelerator_type": "NVIDIA_TESLA_A100",
+                "accelerator_count": 8,
+            }
+            assert pool["container_spec"]["image_uri"] == f"{REGISTRY}/simclr-tfx-gpu:latest"
+        assert json.loads(custom["trainer"])["runtime"]["strategy"] == "multi_worker"
 
 
 def test_example_gen_checks_the_cache_with_the_listing_driver(compiled):
@@ -246,10 +292,18 @@ def test_local_data_dir_is_rejected_in_one_line(tmp_path):
         (
             "--pipeline_name=SimCLR_ImageNet",
             "error: --pipeline_name: Vertex AI Pipelines needs lowercase letters, digits and "
-            "'-', starting with a letter or digit, at most 128 characters; got 'SimCLR_ImageNet'",
+            "'-', starting with a letter, at most 113 characters (its run id adds -<timestamp>); "
+            "got 'SimCLR_ImageNet'",
+        ),
+        (
+            "--pipeline_name=2024-simclr",
+            "error: --pipeline_name: Vertex AI Pipelines needs lowercase letters, digits and "
+            "'-', starting with a letter, at most 113 characters",
         ),
         # docs/cloud.md: batch 4096 needs more than one v3-8 host.
         ("--train_batch_size=4096", "error: --train_batch_size: 4096 does not fit tpu_v3 (8 x "),
+        # Vertex's compiled resolvers filter by type alone: they could pick a fine-tuned model.
+        ("--warm_start", "error: --warm_start: supported by local_runner.py only"),
     ],
 )
 def test_bad_name_or_batch_is_one_line_before_anything_is_built(change, error, tmp_path):
@@ -266,7 +320,10 @@ def test_submit_without_credentials_fails_in_one_line(tmp_path):
     pytest.importorskip(
         "kfp.pipeline_spec", reason="compiling for Vertex AI needs kfp-pipeline-spec"
     )
-    result = run_runner(CLOUD_ARGS + ["--pipeline_json=job.json", "--submit"], tmp_path)
+    # TensorFlow's own log level as a user has it: the console filter, not TF_CPP_MIN_LOG_LEVEL,
+    # keeps its CUDA factory-registration lines off the console (pipeline/console.py).
+    env = {k: v for k, v in clean_env(tmp_path).items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    result = run_runner(CLOUD_ARGS + ["--pipeline_json=job.json", "--submit"], tmp_path, env)
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: --submit: no Google Cloud credentials (run `gcloud auth")

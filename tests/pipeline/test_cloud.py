@@ -6,6 +6,7 @@ import gzip
 import importlib.util
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ import pytest
 import tensorflow as tf
 
 from models import data as data_lib
+from models import precision
 from pipeline import cli, cloud, configs
 from tests.imagenet_fixture import write_imagenet_fixture
 from transform import preprocessing as tp
@@ -61,6 +63,8 @@ def test_each_required_flag_is_named(missing):
             "trainer_accelerator_count",
         ),
         ({"compile_only": True, "submit": True}, "submit"),
+        ({"trainer_timeout_hours": 0}, "trainer_timeout_hours"),
+        ({"dataflow_timeout_hours": -1}, "dataflow_timeout_hours"),
     ],
 )
 def test_bad_values_are_one_line_naming_the_flag(change, flag):
@@ -70,17 +74,26 @@ def test_bad_values_are_one_line_naming_the_flag(change, flag):
     assert message.startswith(f"--{flag}:") and "\n" not in message
 
 
+def _precision(config, options) -> str:
+    return precision.choose(config.runtime.mixed_precision, cloud.trainer_device(options)).dtype
+
+
 def test_tpu_defaults_apply_unless_the_flag_is_given():
     config, options = parse(GCS_ARGS)
     assert options.accelerator.is_tpu
     assert (config.runtime.strategy, config.runtime.tpu_name) == ("tpu", "local")
-    assert config.runtime.mixed_precision == "bfloat16"
-    config, _ = parse(GCS_ARGS + ["--mixed_precision=float32"])
-    assert config.runtime.mixed_precision == "float32"
+    assert config.runtime.accelerator == "tpu"
+    assert _precision(config, options) == "bfloat16"
+    config, options = parse(GCS_ARGS + ["--mixed_precision=float32"])
+    assert _precision(config, options) == "float32"
     config, options = parse(GCS_ARGS + ["--trainer_accelerator=a100"])
     assert config.runtime.strategy == "mirrored" and not options.accelerator.is_tpu
-    config, _ = parse(GCS_ARGS + ["--trainer_accelerator=cpu"])
-    assert (config.runtime.strategy, config.runtime.mixed_precision) == ("auto", "float32")
+    assert config.runtime.accelerator == "gpu"
+    assert _precision(config, options) == "bfloat16"  # compute capability 8.0
+    config, options = parse(GCS_ARGS + ["--trainer_accelerator=cpu"])
+    assert (config.runtime.strategy, config.runtime.accelerator) == ("auto", "auto")
+    # Decided by the Vertex machine (no AMX), not by the machine that compiles the pipeline.
+    assert _precision(config, options) == "float32"
 
 
 def test_dataflow_args_come_from_flags():
@@ -95,7 +108,7 @@ def test_dataflow_args_come_from_flags():
             "--pipeline_image=us-docker.pkg.dev/p/r/img:1",
         ]
     )
-    args = cloud.dataflow_beam_args(options)
+    args = cloud.dataflow_beam_args(options, "simclr")
     assert args == [
         "--runner=DataflowRunner",
         "--project=my-proj",
@@ -108,6 +121,8 @@ def test_dataflow_args_come_from_flags():
         "--max_num_workers=50",
         "--disk_size_gb=200",
         "--autoscaling_algorithm=THROUGHPUT_BASED",
+        "--dataflow_service_options=max_workflow_runtime_walltime_seconds=86400",
+        "--labels=simclr-pipeline=simclr",
         "--experiments=use_runner_v2",
         "--experiments=enable_prime",
         "--service_account_email=sa@my-proj.iam.gserviceaccount.com",
@@ -314,10 +329,14 @@ def test_jpeg_storage_is_a_fraction_of_raw_pixels(tmp_path):
 
 
 def test_pipeline_name_is_checked_before_compiling():
-    """Same rule as KubeflowV2DagRunner, but a one-line error naming the flag up front."""
+    """What KubeflowV2DagRunner compiles and Vertex AI Pipelines then runs: the run id is
+    `<name>-<YYYYmmddHHMMSS>` (google-cloud-aiplatform's PipelineJob), checked against the
+    library's own pattern; a one-line error naming the flag up front."""
+    from google.cloud.aiplatform.constants import pipeline as pipeline_constants
     from tfx.orchestration.kubeflow.v2 import pipeline_builder
 
-    names = ["simclr", "simclr-smoke-1", "0x", "a" * 128, "My_Pipeline", "-x", "a b", "a" * 129]
+    names = ["simclr", "simclr-smoke-1", "0x", "1simclr", "a" * 113, "a" * 114, "a" * 128]
+    names += ["My_Pipeline", "-x", "a b", "a" * 129]
     for name in names:
         config, _ = parse(GCS_ARGS + [f"--pipeline_name={name}"])
         try:
@@ -325,7 +344,9 @@ def test_pipeline_name_is_checked_before_compiling():
             tfx_accepts = True
         except ValueError:
             tfx_accepts = False
-        if tfx_accepts:
+        run_id = f"{name}-20261206235959"
+        vertex_accepts = bool(pipeline_constants._VALID_NAME_PATTERN.match(run_id))
+        if tfx_accepts and vertex_accepts:
             cloud.validate_cloud_config(config)
             continue
         with pytest.raises(configs.ConfigError) as info:
@@ -442,14 +463,20 @@ def test_training_job_restarts_on_worker_restart_as_vertex_reads_it():
     from tfx.extensions.google_cloud_ai_platform import training_clients
 
     training = cloud.vertex_training_args(
-        cloud.CloudOptions(**REQUIRED, service_account="sa@my-proj.iam.gserviceaccount.com")
+        cloud.CloudOptions(**REQUIRED, service_account="sa@my-proj.iam.gserviceaccount.com"),
+        "simclr",
     )
-    assert training["job_spec"]["scheduling"] == {"restart_job_on_worker_restart": True}
+    assert training["job_spec"]["scheduling"] == {
+        "restart_job_on_worker_restart": True,
+        "timeout": "259200s",  # --trainer_timeout_hours=72
+    }
     job_args = {k: v for k, v in training.items() if k != "project"}  # as start_cloud_training
     client = training_clients.VertexJobClient.__new__(training_clients.VertexJobClient)
     job = client.create_training_job({}, {}, {}, "x.Executor", job_args, None, None)
     proto = custom_job.CustomJob(**job)
     assert proto.job_spec.scheduling.restart_job_on_worker_restart is True
+    assert proto.job_spec.scheduling.timeout.total_seconds() == 72 * 3600
+    assert proto.labels["simclr-pipeline"] == "simclr"
     assert proto.job_spec.service_account == "sa@my-proj.iam.gserviceaccount.com"
     (pool,) = proto.job_spec.worker_pool_specs
     assert pool.machine_spec.accelerator_count == 8
@@ -520,9 +547,10 @@ class FakeEndpoint:
 MODELS = "projects/123/locations/europe-west4/models"
 
 
-def _push(tmp_path, monkeypatch, endpoints, *, blessed=True, undeploy=True):
+def _push(tmp_path, monkeypatch, endpoints, *, blessed=True, undeploy=True, labels=None):
     """Runs the endpoint Pusher's executor with Vertex replaced by fakes; returns the pushed
-    model artifact and the recorded deploy calls."""
+    model artifact and the recorded deploy calls. `labels`: the Model Registry's labels per
+    model id; by default every model carries this pipeline's (`simclr`)."""
     from google.cloud import aiplatform
     from tfx.extensions.google_cloud_ai_platform import runner
     from tfx.types import Channel, standard_artifacts
@@ -541,6 +569,17 @@ def _push(tmp_path, monkeypatch, endpoints, *, blessed=True, undeploy=True):
     monkeypatch.setattr(runner, "deploy_model_for_aip_prediction", deploy)
     monkeypatch.setattr(aiplatform, "init", lambda **kwargs: None)
     monkeypatch.setattr(aiplatform.Endpoint, "list", staticmethod(lambda filter: endpoints))
+    registry = {} if labels is None else labels
+
+    def labels_of(resource_name):
+        model_id = resource_name.split("@")[0].rsplit("/", 1)[-1]
+        return registry.get(model_id, {} if labels else {"simclr-pipeline": "simclr"})
+
+    def label(resource_name, new_labels):
+        registry[resource_name.rsplit("/", 1)[-1]] = new_labels
+
+    monkeypatch.setattr(vertex_endpoint, "_model_labels", labels_of)
+    monkeypatch.setattr(vertex_endpoint, "_label_model", label)
 
     model = standard_artifacts.Model()
     model.uri = str(tmp_path / "model")
@@ -581,6 +620,23 @@ def test_endpoint_push_undeploys_the_previous_models(tmp_path, monkeypatch):
     assert endpoint.undeployed == ["d1", "d2"]
     assert [m.id for m in endpoint.models] == ["d-new"]
     assert other.undeployed == []
+
+
+def test_endpoint_push_undeploys_only_this_pipelines_models(tmp_path, monkeypatch):
+    """Another pipeline's model and one deployed by hand (no label) share the endpoint's
+    display name; only the model this pipeline deployed before is undeployed, and the new one
+    is labelled so that the next push finds it."""
+    deployed = [
+        FakeDeployed("mine", f"{MODELS}/m1"),
+        FakeDeployed("theirs", f"{MODELS}/m2"),
+        FakeDeployed("by-hand", f"{MODELS}/m3@2"),
+    ]
+    endpoint = FakeEndpoint("e1", deployed)
+    registry = {"m1": {"simclr-pipeline": "simclr"}, "m2": {"simclr-pipeline": "other"}}
+    _push(tmp_path, monkeypatch, [endpoint], labels=registry)
+    assert endpoint.undeployed == ["mine"]
+    assert [m.id for m in endpoint.models] == ["theirs", "by-hand", "d-new"]
+    assert registry["new"] == {"simclr-pipeline": "simclr"}
 
 
 def test_endpoint_push_keeps_previous_models_when_asked_or_not_blessed(tmp_path, monkeypatch):
@@ -731,3 +787,233 @@ def test_tpu_dockerfile_runs_the_layout_script_after_installing_tensorflow_tpu()
     gpu = _dockerfile(REPO_ROOT / "docker/Dockerfile.gpu")
     assert any("tensorflow[and-cuda]==2.16.2" in args for _, args in gpu)
     assert not any("tpu" in args.lower() for _, args in gpu)
+
+
+# ----- class names of TFDS records -----
+
+
+def test_tfds_label_list_names_the_classes_of_integer_labels(tmp_path):
+    """TFDS records carry ids only; `--labels_file=<data_dir>/label.labels.txt` (what `tfds
+    build` writes, docs/cloud.md section 3) turns them into synsets, and without it the names
+    are the ids as text."""
+    labels = tmp_path / "label.labels.txt"
+    labels.write_text("n01440764\nn01443537\nn01484850\n")
+    config, _ = parse(GCS_ARGS + ["--labels_file=gs://my-bucket/imagenet/tfds/label.labels.txt"])
+    cloud.validate_cloud_config(config)
+    assert config.data.labels_file == "gs://my-bucket/imagenet/tfds/label.labels.txt"
+    ids = tf.constant([2, 0, 7], tf.int64)
+    named = tp._configured_names(ids, tp._label_names({"labels_file": str(labels)}))
+    assert [n.decode() for n in named.numpy()] == ["n01484850", "n01440764", "7"]
+    unnamed = tp._configured_names(ids, tp._label_names({}))
+    assert [n.decode() for n in unnamed.numpy()] == ["2", "0", "7"]
+
+
+def test_dataflow_cost_arithmetic_in_the_docs_uses_the_runner_defaults():
+    """docs/cloud.md section 8 prices a worker of the default machine and disk, and the
+    start-up bound uses the default worker cap; the sums are what the table says."""
+    text = (REPO_ROOT / "docs/cloud.md").read_text()
+    d = cloud.CloudOptions()
+    assert d.dataflow_machine_type == "n2-standard-8"  # 8 vCPUs, 32 GB
+    rate = re.search(
+        r"8 x ([\d.]+) \+ 32 x ([\d.]+) \+ (\d+) x ([\d.]+) = \$([\d.]+) an hour", text
+    )
+    vcpu, memory, disk, disk_price, total = map(float, rate.groups())
+    assert disk == d.dataflow_disk_size_gb
+    assert round(8 * vcpu + 32 * memory + disk * disk_price, 3) == total
+    startup = re.search(r"4 jobs x (\d+) workers x 5/60 h = ([\d.]+) worker-hours", text)
+    assert int(startup.group(1)) == d.dataflow_max_workers
+    assert round(4 * d.dataflow_max_workers * 5 / 60, 1) == float(startup.group(2))
+    work = re.search(r"= ([\d.]+) vCPU-hours = ([\d.]+) worker-hours x \$([\d.]+)", text)
+    assert round(float(work.group(1)) / 8, 1) == float(work.group(2))
+
+
+# ----- several GPU machines per Trainer -----
+
+
+def test_trainer_replicas_make_a_chief_and_worker_pool_under_multi_worker():
+    """--trainer_replicas=3 on a100: three 8-GPU machines, pool 0 the chief and pool 1 two
+    workers, the same machine and image; MultiWorkerMirroredStrategy unless given; the CustomJob
+    as TFX's Vertex client sends it runs the executor on every pool."""
+    from google.cloud.aiplatform_v1.types import custom_job
+    from tfx.extensions.google_cloud_ai_platform import training_clients
+
+    config, options = parse(GCS_ARGS + ["--trainer_accelerator=a100", "--trainer_replicas=3"])
+    options.validate()
+    assert config.runtime.strategy == "multi_worker" and options.total_replicas == 24
+    chief, workers = cloud.worker_pool_specs(options)
+    assert (chief["replica_count"], workers["replica_count"]) == (1, 2)
+    assert (
+        chief["machine_spec"]
+        == workers["machine_spec"]
+        == {
+            "machine_type": "a2-highgpu-8g",
+            "accelerator_type": "NVIDIA_TESLA_A100",
+            "accelerator_count": 8,
+        }
+    )
+    assert chief["container_spec"]["image_uri"] == workers["container_spec"]["image_uri"]
+    job_args = {k: v for k, v in cloud.vertex_training_args(options).items() if k != "project"}
+    client = training_clients.VertexJobClient.__new__(training_clients.VertexJobClient)
+    job = custom_job.CustomJob(
+        **client.create_training_job({}, {}, {}, "x.Executor", job_args, None, None)
+    )
+    assert [p.replica_count for p in job.job_spec.worker_pool_specs] == [1, 2]
+    for pool in job.job_spec.worker_pool_specs:
+        assert list(pool.container_spec.command[:3]) == ["python", "-m", "tfx.scripts.run_executor"]
+    # One machine stays one pool under MirroredStrategy.
+    config, options = parse(GCS_ARGS + ["--trainer_accelerator=a100"])
+    assert config.runtime.strategy == "mirrored" and len(cloud.worker_pool_specs(options)) == 1
+
+
+def test_trainer_replicas_split_the_global_batch_and_are_checked():
+    # The memory check divides the global batch over every GPU of every machine: 3,696 fits one
+    # a2-highgpu-8g (462 per GPU); the same per-GPU share fits three machines at 3 x 3,696.
+    config, options = parse(
+        GCS_ARGS
+        + [
+            "--trainer_accelerator=a100",
+            "--trainer_replicas=3",
+            "--train_batch_size=11088",
+            "--finetune_train_batch_size=2400",
+        ]
+    )
+    cloud.check_trainer_layout(config, options)
+    cloud.check_batch_fits(config, options)
+    config, options = parse(
+        GCS_ARGS
+        + ["--trainer_accelerator=a100", "--trainer_replicas=3", "--train_batch_size=11112"]
+    )
+    with pytest.raises(
+        configs.ConfigError,
+        match=r"^--train_batch_size: 11112 does not fit a100 \(3 machines, 24 x 40",
+    ):
+        cloud.check_batch_fits(config, options)
+    config, options = parse(
+        GCS_ARGS + ["--trainer_accelerator=a100", "--trainer_replicas=2", "--train_batch_size=1000"]
+    )
+    with pytest.raises(
+        configs.ConfigError,
+        match=r"^--train_batch_size: 1000 does not split evenly over 16 devices",
+    ):
+        cloud.check_trainer_layout(config, options)
+    config, options = parse(
+        GCS_ARGS + ["--trainer_accelerator=a100", "--trainer_replicas=2", "--strategy=mirrored"]
+    )
+    with pytest.raises(
+        configs.ConfigError, match=r"^--strategy: --trainer_replicas=2 .* --strategy=multi_worker"
+    ):
+        cloud.check_trainer_layout(config, options)
+    for accelerator in ("tpu_v3", "cpu"):
+        _, options = parse(
+            GCS_ARGS + [f"--trainer_accelerator={accelerator}", "--trainer_replicas=2"]
+        )
+        with pytest.raises(configs.ConfigError, match="^--trainer_replicas: more than one machine"):
+            options.validate()
+
+
+# ----- every image: pinned to its base, importing what its steps import -----
+
+
+def _image_check_module():
+    spec = importlib.util.spec_from_file_location(
+        "image_check", REPO_ROOT / "docker/image_check.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _dist(site: pathlib.Path, name: str, version: str) -> None:
+    info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+
+
+def test_image_build_keeps_the_base_versions_or_names_each_change(tmp_path):
+    """As the pipeline image's build runs it: the base's versions win over constraints.txt for
+    what the base ships, and an install that moves one anyway fails the build in one line."""
+    script = [sys.executable, str(REPO_ROOT / "docker/image_check.py")]
+    site = tmp_path / "site"
+    for name, version in (("keras", "3.3.3"), ("wrapt", "1.14.1"), ("grpcio", "1.62.2")):
+        _dist(site, name, version)
+    project = tmp_path / "constraints.txt"
+    project.write_text("keras==3.6.0\nwrapt==1.16.0\ntf-keras==2.16.0  # comment\n\n")
+    base, merged = tmp_path / "base.txt", tmp_path / "merged.txt"
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(script + list(args), capture_output=True, text=True)
+
+    assert run("freeze", str(base), "--site", str(site)).returncode == 0
+    assert base.read_text() == "grpcio==1.62.2\nkeras==3.3.3\nwrapt==1.14.1\n"
+    assert run("constraints", str(base), str(project), str(merged)).returncode == 0
+    assert merged.read_text() == ("grpcio==1.62.2\nkeras==3.3.3\ntf-keras==2.16.0\nwrapt==1.14.1\n")
+    _dist(site, "tf-keras", "2.16.0")  # what the base lacked: added, not a change
+    assert run("unchanged", str(base), "--site", str(site)).returncode == 0
+    # An install that upgrades wrapt and removes grpcio anyway.
+    for info in site.glob("wrapt-*"):
+        shutil.rmtree(info)
+    for info in site.glob("grpcio-*"):
+        shutil.rmtree(info)
+    _dist(site, "wrapt", "1.16.0")
+    result = run("unchanged", str(base), "--site", str(site))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: the build changed what the base image ships: grpcio 1.62.2 removed, wrapt "
+        "1.14.1 -> 1.16.0; pin them to the base versions or allow each with --allow NAME=REASON"
+    ]
+    allow = ["--allow", "grpcio=not used", "--allow", "wrapt=needed by x"]
+    result = run("unchanged", str(base), "--site", str(site), *allow)
+    assert result.returncode == 0, result.stderr
+    assert "changed on purpose: wrapt 1.14.1 -> 1.16.0 (needed by x)" in result.stdout
+    result = run("unchanged", str(base), "--site", str(site), *allow, "--allow", "keras=x")
+    assert result.stderr.strip() == "error: --allow names what did not change: keras"
+
+
+def test_image_import_check_covers_every_project_module_and_names_a_failure():
+    image_check = _image_check_module()
+    modules = image_check.project_modules(REPO_ROOT)
+    for name in ("pipeline.cloud_jobs", "pipeline.image_example_gen.executor", "models.trainer"):
+        assert name in modules
+    assert "transform.preprocessing" in modules
+    assert image_check.check_imports(["json", "pipeline.cloud"]) == 2
+    with pytest.raises(image_check.ImageError) as info:
+        image_check.check_imports(["json", "tensorflow_no_such_module"])
+    assert str(info.value) == (
+        "import tensorflow_no_such_module failed: ModuleNotFoundError: No module named "
+        "'tensorflow_no_such_module'"
+    )
+
+
+def test_image_device_step_trains_and_checks_its_result():
+    """The step the GPU and TPU builds run on their device, here under the default strategy:
+    the loss and the updated weights are checked, so a device that computes wrongly fails."""
+    image_check = _image_check_module()
+    assert image_check.training_step(tf.distribute.get_strategy()) == 256.0
+
+
+def test_each_dockerfile_pins_to_its_base_then_checks_imports_and_device():
+    def runs(path: str) -> str:
+        return " && ".join(args for op, args in _dockerfile(REPO_ROOT / path) if op == "RUN")
+
+    for path, device, install in (
+        ("docker/Dockerfile", None, "tf-keras pillow"),
+        ("docker/Dockerfile.gpu", "gpu", '"tensorflow[and-cuda]==2.16.2"'),
+        ("docker/Dockerfile.tpu", "tpu", "tensorflow-tpu==2.16.2"),
+    ):
+        text = runs(path)
+        order = [
+            text.index("image_check.py freeze"),
+            text.index("image_check.py constraints"),
+            text.index(f"-c {'' if path == 'docker/Dockerfile' else '/simclr/'}"),
+            text.index(install),
+            text.index("image_check.py unchanged"),
+            text.index("image_check.py imports"),
+        ]
+        assert order == sorted(order), path
+        assert "-c constraints.txt" not in text and "-c /simclr/constraints.txt" not in text
+        if device:
+            assert text.index(f"image_check.py device {device}") > order[-1], path
+    tpu = runs("docker/Dockerfile.tpu")
+    assert re.search(r"unchanged \S+ --allow \"tensorflow=replaced by tensorflow-tpu", tpu)
+    ignore = (REPO_ROOT / "docker/Dockerfile.dockerignore").read_text().split()
+    assert "!docker/image_check.py" in ignore
