@@ -59,6 +59,12 @@ for arg in "$@"; do
   esac
 done
 device="${gpu_name:-CPU (no NVIDIA GPU)}"
+# Where nvidia-smi sees a GPU, TensorFlow must see it too: --accelerator=gpu stops the run in one
+# line instead of timing the CPU (an image without CUDA libraries, a hidden device).
+accelerator=()
+if [[ -n "$gpu_name" ]]; then
+  accelerator=(--accelerator=gpu)
+fi
 
 run_dir="$OUT_DIR/run-$(date -u +%Y%m%d-%H%M%S)"
 cmd=(
@@ -69,6 +75,7 @@ cmd=(
   --resnet_depth=18
   --train_batch_size=512
   "--mixed_precision=$precision"
+  "${accelerator[@]}"
   --knn_every_epochs=10
   "--train_epochs=$epochs"
   "$@"

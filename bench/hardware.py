@@ -13,6 +13,8 @@ import os
 import re
 from dataclasses import asdict, dataclass
 
+from models.precision import AMX_FLAGS
+
 # FLOPs per cycle per core. An FMA counts as 2 FLOPs; two FMA pipes per core.
 FP32_AVX512 = 2 * 16 * 2  # two 512-bit FMA units (Intel Xeon Skylake-SP and later)
 FP32_AVX512_ZEN4 = 2 * 8 * 2  # Zen 4 executes 512-bit FMAs as two 256-bit halves
@@ -82,6 +84,11 @@ def flops_per_cycle(info: CpuInfo, precision: str) -> int | None:
     if "avx512_bf16" in ext:
         return fp32 * BF16_DOT_FACTOR
     return None  # bfloat16 is emulated through float32 conversions
+
+
+def has_amx(info: CpuInfo) -> bool:
+    """Whether the CPU has AMX for bfloat16: where --mixed_precision=auto picks bfloat16."""
+    return all(flag in info.extensions for flag in AMX_FLAGS)
 
 
 def peak_gflops(info: CpuInfo, precision: str) -> float | None:

@@ -2,7 +2,8 @@
 
     python bench/pretrain_throughput.py --resnet_depth=18 --width_multiplier=1 --image_size=32 \
         --train_batch_size=256 --steps=3 --warmup_steps=1 [--jit_compile] [--cached_batch] \
-        [--mixed_precision=bfloat16] [--batch_norm=unfused] [--intra_op_threads=N]
+        [--mixed_precision=bfloat16] [--batch_norm=unfused] [--intra_op_threads=N] \
+        [--onednn_auto_mixed_precision]
 
 Levers compared one by one in one run: bench/step_levers.py.
 
@@ -47,7 +48,7 @@ from models import data as data_lib  # noqa: E402
 from models.config import RESNET_DEPTHS, ModelConfig, PretrainConfig  # noqa: E402
 from models.model import SimCLRModel  # noqa: E402
 from models.optimizers import build_optimizer  # noqa: E402
-from models.resnet import ResNet  # noqa: E402
+from models.resnet import ResNet, set_matmul_filter_grad_max_pixels  # noqa: E402
 from models.schedule import WarmUpAndCosineDecay  # noqa: E402
 from models.strategy import make_strategy, set_precision, wrap_optimizer  # noqa: E402
 from models.tasks.pretrain import contrastive_step, pretrain_metrics  # noqa: E402
@@ -82,6 +83,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="fused",
         choices=("fused", "unfused"),
         help="fused: Keras picks the fused kernel (this project's model); unfused: the reference.",
+    )
+    p.add_argument(
+        "--onednn_auto_mixed_precision",
+        action="store_true",
+        help="Grappler's oneDNN bfloat16 rewrite of the float32 graph (instead of a Keras "
+        "mixed-precision policy).",
+    )
+    p.add_argument(
+        "--small_map_filter_grad",
+        default="matmul",
+        choices=("matmul", "onednn"),
+        help="Kernel gradient of convolutions with 4x4 outputs in bfloat16 on CPU: one matmul "
+        "(this project's model) or oneDNN's weight-gradient convolution.",
     )
     p.add_argument("--intra_op_threads", type=int, default=0, help="0: TensorFlow's default.")
     p.add_argument("--inter_op_threads", type=int, default=0, help="0: TensorFlow's default.")
@@ -169,6 +183,10 @@ def main(argv: list[str] | None = None) -> dict:
     tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
     set_precision(args.mixed_precision)
+    if args.small_map_filter_grad == "onednn":
+        set_matmul_filter_grad_max_pixels(0)
+    if args.onednn_auto_mixed_precision:
+        tf.config.optimizer.set_experimental_options({"auto_mixed_precision_onednn_bfloat16": True})
     strategy = make_strategy("auto")
     batch = args.train_batch_size
     t = time.perf_counter()
@@ -259,7 +277,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     warmup_s = run_steps(args.warmup_steps) if args.warmup_steps else 0.0
     traces = train_step.experimental_get_tracing_count()
+    # Wall-clock bounds of the timed steps, to cut a trace (e.g. ONEDNN_VERBOSE's) to them.
+    timed_from_ms = time.time() * 1000
     timed_s = run_steps(args.steps)
+    timed_to_ms = time.time() * 1000
     # Counted on a second trace of the same step with the batch's static shapes; nothing runs.
     sample = next(iter(make_dataset(tf.distribute.InputContext())))
     flops = hardware.count_flops(
@@ -269,9 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     step_flops = sum(flops.values())
     cpu = hardware.cpu_info()
-    peak = hardware.peak_gflops(
-        cpu, "bfloat16" if args.mixed_precision == "bfloat16" else "float32"
-    )
+    bf16 = args.mixed_precision == "bfloat16" or args.onednn_auto_mixed_precision
+    peak = hardware.peak_gflops(cpu, "bfloat16" if bf16 else "float32")
     achieved = step_flops / (timed_s / args.steps) / 1e9
     result = {
         "config": {k: v for k, v in vars(args).items() if k not in ("data_dir", "work_dir")},
@@ -291,6 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
         "prepare_data_s": round(prepare_s, 1),
         "warmup_s": round(warmup_s, 1),
         "step_s": round(timed_s / args.steps, 2),
+        "timed_window_ms": [round(timed_from_ms, 3), round(timed_to_ms, 3)],
         "images_per_s": round(args.steps * batch / timed_s, 1),
         "input_pipeline_images_per_s": round(pipeline_rate, 1),
         # 0: every timed step ran the already traced graph, no Python in between.

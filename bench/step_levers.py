@@ -46,9 +46,12 @@ class Row:
 
 REFERENCE_FLAGS = ("--batch_norm=unfused", "--mixed_precision=float32")
 FUSED = ("--batch_norm=fused", "--mixed_precision=float32")
+BF16 = ("--batch_norm=fused", "--mixed_precision=bfloat16")
 
 
-def rows(cores: int, with_bf16: bool) -> list[Row]:
+def rows(cores: int, with_bf16: bool, with_amx: bool = False) -> list[Row]:
+    """The levers; the bfloat16 variants only where bfloat16 can pay (AMX: where the project
+    picks it by default)."""
     out = [
         Row("reference", "reference settings: unfused BN, float32, no XLA", "", REFERENCE_FLAGS),
         Row(
@@ -68,14 +71,40 @@ def rows(cores: int, with_bf16: bool) -> list[Row]:
         Row("xla", "XLA (jit_compile)", "fused_bn", (*FUSED, "--jit_compile")),
     ]
     if with_bf16:
-        out.append(
+        out.append(Row("bfloat16", "bfloat16 mixed precision", "fused_bn", BF16))
+    if with_amx:
+        out += [
             Row(
+                "reference_bfloat16",
+                "bfloat16 mixed precision, reference's unfused BN and oneDNN kernel gradients",
+                "reference",
+                (
+                    "--batch_norm=unfused",
+                    "--mixed_precision=bfloat16",
+                    "--small_map_filter_grad=onednn",
+                ),
+            ),
+            Row(
+                "bfloat16_onednn_filter_grad",
+                "bfloat16, 4x4 kernel gradients by oneDNN (not one matmul)",
                 "bfloat16",
-                "bfloat16 mixed precision",
+                (*BF16, "--small_map_filter_grad=onednn"),
+            ),
+            Row("bfloat16_xla", "bfloat16 + XLA", "bfloat16", (*BF16, "--jit_compile")),
+            Row(
+                "fpmath_bf16",
+                "float32 graph, oneDNN bf16 math (TF_SET_ONEDNN_FPMATH_MODE=BF16)",
                 "fused_bn",
-                ("--batch_norm=fused", "--mixed_precision=bfloat16"),
-            )
-        )
+                FUSED,
+                (("TF_SET_ONEDNN_FPMATH_MODE", "BF16"),),
+            ),
+            Row(
+                "onednn_amp",
+                "float32 graph, oneDNN auto mixed precision rewrite (grappler)",
+                "fused_bn",
+                (*FUSED, "--onednn_auto_mixed_precision"),
+            ),
+        ]
     out.append(Row("reference_again", "reference settings, again", "", REFERENCE_FLAGS))
     return out
 
@@ -262,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
     has_bf16 = hardware.flops_per_cycle(cpu, "bfloat16") is not None
     with_bf16 = args.bfloat16 == "yes" or (args.bfloat16 == "auto" and has_bf16)
     bf16_note = "" if with_bf16 else "not run: no bfloat16 instructions on this CPU (emulated)"
-    table = rows(cpu.cores, with_bf16)
+    table = rows(cpu.cores, with_bf16, with_bf16 and hardware.has_amx(cpu))
     only = {n for n in args.only.split(",") if n} | {"reference", "reference_again"}
     if args.only:
         table = [r for r in table if r.name in only]

@@ -7,8 +7,10 @@ Each stage ends with one line of wall seconds per phase (also in results.json un
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+from collections.abc import Callable
 
 import tensorflow as tf
 import tensorflow_transform as tft
@@ -17,12 +19,34 @@ from models import data as data_lib
 from models import export, train_loop
 from models.config import TrainerConfig
 from models.model import saved_model_dir
-from models.strategy import make_strategy, set_precision, worker_dirs
+from models.precision import resolve
+from models.strategy import (
+    check_accelerator,
+    is_chief,
+    make_strategy,
+    set_precision,
+    worker_dirs,
+)
 from models.tasks import TASKS, StageInputs
 from transform import preprocessing as tp
 
 # Every stage reports these, in this order (0 when a stage has no such phase).
 PHASES = ("setup", "build", "trace", "train", "checkpoint", "knn", "eval", "export")
+
+
+def resolve_precision(config: TrainerConfig) -> TrainerConfig:
+    """`config` with `--mixed_precision=auto` decided for this machine.
+
+    Pipelines resolve it when they are built (so their cache and checkpoint keys hold the dtype
+    used); this covers a stage run directly (benchmarks, tests).
+    """
+    rt = config.runtime
+    if rt.mixed_precision != "auto":
+        return config
+    choice = resolve(rt.mixed_precision, rt.strategy)
+    print(f"{config.stage}: {choice.line()}", flush=True)
+    runtime = dataclasses.replace(rt, mixed_precision=choice.dtype)
+    return dataclasses.replace(config, runtime=runtime)
 
 
 def run_stage(
@@ -35,15 +59,19 @@ def run_stage(
     model_run_dir: str,
     checkpoint_dir: str = "",
     base_model: str | None = None,
+    on_exported: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Trains one stage to its final step, evaluates it on the eval split and exports it.
 
     Checkpoints go to `checkpoint_dir` (default: under model_run_dir); a rerun pointed at the
-    same directory continues from its newest checkpoint.
+    same directory continues from its newest checkpoint. `on_exported` runs on the chief once
+    the model is exported (the Trainer's checkpoint clean-up).
     """
+    config = resolve_precision(config)
     clock, rt = train_loop.PhaseClock(), config.runtime
     with clock.phase("setup"):
         tf.keras.utils.set_random_seed(rt.seed)
+        check_accelerator(rt.accelerator, rt.strategy)
         set_precision(rt.mixed_precision)
         strategy = make_strategy(rt.strategy, rt.tpu_name)
         tft_output = tft.TFTransformOutput(transform_output_dir)
@@ -103,4 +131,6 @@ def run_stage(
     print(train_loop.format_seconds(config.stage, seconds), flush=True)
     knn = monitor.last if monitor else {}
     task.write_results(os.path.join(run_dir, "results.json"), {**results, **knn}, seconds)
+    if on_exported is not None and is_chief(strategy):
+        on_exported()
     return results

@@ -12,6 +12,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from models.config import BLOCKS_PER_GROUP
+from models.strategy import runs_on_cpu
 
 BATCH_NORM_EPSILON = 1e-5
 BOTTLENECK_EXPANSION = 4
@@ -85,6 +86,97 @@ def _conv_initializer() -> keras.initializers.Initializer:
     return keras.initializers.VarianceScaling()
 
 
+# Output maps of at most this many pixels (CIFAR's last block group: 4x4) get their kernel
+# gradient as one matmul on CPUs in bfloat16 (`Conv2D`).
+MATMUL_FILTER_GRAD_MAX_PIXELS = 16
+_matmul_filter_grad_max_pixels = MATMUL_FILTER_GRAD_MAX_PIXELS
+
+
+def set_matmul_filter_grad_max_pixels(pixels: int) -> None:
+    """A process-wide kernel choice, like TensorFlow's own `tf.config` switches, read when a
+    step is traced: 0 leaves every kernel gradient to oneDNN (benchmarks compare the two)."""
+    global _matmul_filter_grad_max_pixels
+    _matmul_filter_grad_max_pixels = pixels
+
+
+def filter_grad_as_matmul(
+    inputs: tf.Tensor, out_grad: tf.Tensor, kernel_size: int, strides: int, padding: str
+) -> tf.Tensor:
+    """dL/dkernel of a square-kernel NHWC convolution: im2col patches of `inputs` (the k*k
+    shifted, strided views, concatenated along channels in [kh, kw, cin] order) times the
+    output gradient, as one [k*k*cin, N*oh*ow] x [N*oh*ow, cout] matmul."""
+    k, s = kernel_size, strides
+    if padding == "SAME":
+        if s != 1:
+            raise ValueError("filter_grad_as_matmul: SAME padding only with stride 1")
+        before = (k - 1) // 2
+        pad = [[0, 0], [before, k - 1 - before], [before, k - 1 - before], [0, 0]]
+        inputs = tf.pad(inputs, pad)
+    oh, ow = out_grad.shape[1], out_grad.shape[2]
+    views = [
+        inputs[:, i : i + s * (oh - 1) + 1 : s, j : j + s * (ow - 1) + 1 : s, :]
+        for i in range(k)
+        for j in range(k)
+    ]
+    patches = tf.concat(views, axis=-1) if len(views) > 1 else views[0]
+    cin, cout = inputs.shape[-1], out_grad.shape[-1]
+    grad = tf.matmul(
+        tf.reshape(patches, [-1, k * k * cin]), tf.reshape(out_grad, [-1, cout]), transpose_a=True
+    )
+    return tf.reshape(grad, [k, k, cin, cout])
+
+
+class Conv2D(keras.layers.Conv2D):
+    """Keras' Conv2D (same variables, same forward op) whose kernel gradient on small bfloat16
+    output maps on a CPU is one matmul instead of oneDNN's weight-gradient convolution.
+
+    oneDNN's AMX weight-gradient kernel is slow on 4x4 maps: for CIFAR ResNet-18 in bfloat16
+    it took more than a quarter of the step for three 512-channel 4x4 convolutions, and the same
+    gradient as a matmul ran 4x faster (docs/benchmarks.md, "The bfloat16 step"); from 8x8 on
+    the convolution is as fast or faster. GPUs and TPUs keep their own kernels.
+    """
+
+    def convolution_op(self, inputs: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+        k, s = self.kernel_size[0], self.strides[0]
+        padding = self.padding.upper()
+        out = _output_pixels(inputs.shape, k, s, padding)
+        if (
+            inputs.dtype != tf.bfloat16
+            or out is None
+            or out > _matmul_filter_grad_max_pixels
+            or self.kernel_size[0] != self.kernel_size[1]
+            or self.strides[0] != self.strides[1]
+            or self.dilation_rate != (1, 1)
+            or not runs_on_cpu()
+        ):
+            return super().convolution_op(inputs, kernel)
+
+        @tf.custom_gradient
+        def conv(x: tf.Tensor, w: tf.Tensor):
+            y = tf.nn.conv2d(x, w, s, padding)
+
+            def grad(dy: tf.Tensor):
+                dx = tf.compat.v1.nn.conv2d_backprop_input(
+                    tf.shape(x), w, dy, [1, s, s, 1], padding
+                )
+                return dx, filter_grad_as_matmul(x, dy, k, s, padding)
+
+            return y, grad
+
+        # A tensor (the variable read and cast to bfloat16), so the gradient reaches the
+        # variable through that cast rather than being asked of the custom gradient.
+        return conv(inputs, tf.convert_to_tensor(kernel))
+
+
+def _output_pixels(shape: tf.TensorShape, k: int, s: int, padding: str) -> int | None:
+    h, w = shape[1], shape[2]
+    if h is None or w is None:
+        return None
+    if padding == "SAME":
+        return -(-h // s) * -(-w // s)
+    return ((h - k) // s + 1) * ((w - k) // s + 1)
+
+
 class FixedPaddingConv2D(keras.layers.Layer):
     """Bias-free convolution whose strided form pads explicitly and symmetrically.
 
@@ -96,7 +188,7 @@ class FixedPaddingConv2D(keras.layers.Layer):
         super().__init__(**kwargs)
         self.kernel_size = kernel_size
         self.strides = strides
-        self.conv = keras.layers.Conv2D(
+        self.conv = Conv2D(
             filters=filters,
             kernel_size=kernel_size,
             strides=strides,

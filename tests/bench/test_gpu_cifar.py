@@ -73,12 +73,15 @@ def test_precision_follows_the_gpu(fake_nvidia_smi, cap, flags, precision):
         assert flag in command
     if flags:
         assert command[-len(flags) :] == flags
+    # A GPU that nvidia-smi sees must be the one TensorFlow trains on.
+    assert "--accelerator=gpu" in command
 
 
 def test_without_a_gpu_it_trains_in_float32(tmp_path):
     result = _script("5", DRY_RUN="1", NVIDIA_SMI=str(tmp_path / "absent"))
     assert result.returncode == 0, result.stderr
     assert "device: CPU (no NVIDIA GPU); precision: float32" in result.stdout
+    assert "--accelerator=gpu" not in result.stdout
 
 
 @pytest.mark.parametrize("epochs", ["", "0", "ten", "-3"])
@@ -100,6 +103,8 @@ def test_tiny_run_records_speed_knn_curve_and_peak_memory(cifar_dir, fake_nvidia
         "--finetune_train_batch_size=16",
         "--finetune_train_epochs=1",
         "--mixed_precision=float32",
+        # The fake nvidia-smi shows a GPU that TensorFlow cannot see: train on the CPU anyway.
+        "--accelerator=auto",
         "--eval_batch_size=64",
         "--knn_every_epochs=1",
         "--min_top1=0",

@@ -227,6 +227,32 @@ def test_arguments(tmp_path):
         quality.parse_args([f"--data_dir={tmp_path}", "--transform_graph=/g"])
 
 
+def test_pool_tree_moves_the_share_the_label_fraction_would_mask(tmp_path):
+    source = tmp_path / "cifar"
+    for split, count in (("train", 10), ("test", 2)):
+        for c in ("cat", "dog"):
+            (source / split / c).mkdir(parents=True)
+            for i in range(count):
+                (source / split / c / f"{i:04d}.jpg").write_bytes(b"x")
+    tree = quality.pool_tree(str(source), 0.8, 3, tmp_path / "tree")
+    labeled = sorted(p.relative_to(tree / "train").as_posix() for p in tree.glob("train/*/*"))
+    pooled = sorted(
+        p.relative_to(tree / "unlabeled").as_posix() for p in tree.glob("unlabeled/*/*")
+    )
+    assert len(labeled) == 4 and len(pooled) == 16 and not set(labeled) & set(pooled)
+    # The same labeled images --label_fractions=0.2 with seed 3 keeps.
+    keys = np.array([f"{c}/{i:04d}.jpg".encode() for c in ("cat", "dog") for i in range(10)])
+    chosen = data_lib.select_label_fraction(np.repeat([0, 1], 10), keys.astype(object), 0.2, 3)
+    assert labeled == sorted(k.decode() for k in chosen)
+    assert (tree / "train" / labeled[0]).resolve() == source / "train" / labeled[0]
+    assert (tree / "test").resolve() == source / "test"
+    assert quality.arm_id(1.0, 0.9) == "10pct_pool" and quality.arm_id(0.01, 0.0) == "1pct"
+    args = quality.parse_args([f"--data_dir={source}", "--unlabeled_share=0.9"])
+    assert args.label_fractions == [1.0]
+    with pytest.raises(SystemExit):
+        quality.parse_args([f"--data_dir={source}", "--unlabeled_share=0.9", "--train_images=5"])
+
+
 # ----- verdicts and report -----
 
 
@@ -384,3 +410,37 @@ def test_smoke_run_reports_every_row_on_the_same_test_images(transformed, tmp_pa
     for row in rows.values():
         assert f"{row['value']:.4f}" in text
     assert (out / "curve.png").read_bytes().startswith(b"\x89PNG")
+
+
+def _quality_result(dtype: str, steps: int, values: dict[str, float]) -> dict:
+    floors = max(values["knn/random_init"], values["knn/raw_pixels"])
+    return {
+        "machine": {"precision": {"dtype": dtype, "reason": "r"}, "cpu": "Xeon", "amx": True},
+        "budget": {"steps": {"pretrain": steps}, "pretrain_epochs": steps / 10},
+        "rows": [{"id": k, "value": v} for k, v in values.items()],
+        "targets": {"knn_margin_over_higher_floor": round(values["knn/simclr"] - floors, 4)},
+    }
+
+
+def test_precision_comparison_judges_margin_and_every_trained_arm():
+    from bench import precision_quality
+
+    base = {"knn/random_init": 0.30, "knn/raw_pixels": 0.31, "knn/simclr": 0.42}
+    float32 = _quality_result("float32", 476, {**base, "linear/simclr": 0.394})
+    auto = _quality_result(
+        "bfloat16",
+        729,
+        {**base, "knn/simclr": 0.441, "linear/simclr": 0.370, "knn/raw_pixels": 0.2},
+    )
+    c = precision_quality.compare(auto, float32, noise=0.01)
+    assert c["pretrain_steps"] == {"auto": 729, "float32": 476}
+    assert c["knn_margin_over_higher_floor"] == {"auto": 0.141, "float32": 0.11}
+    assert c["knn_margin_grew"] is True
+    # Linear evaluation fell 2.4 points; a floor moving is not an arm falling.
+    assert c["arms_fallen_beyond_noise"] == ["linear/simclr"]
+    rows = {r["id"]: r["delta"] for r in c["rows"]}
+    assert rows["knn/simclr"] == 0.021 and rows["linear/simclr"] == -0.024
+    text = precision_quality.markdown(c, auto["machine"])
+    assert "auto = bfloat16" in text and "| linear/simclr | 0.3700 | 0.3940 | -0.0240 |" in text
+    with pytest.raises(SystemExit):
+        precision_quality.parse_args(["--mixed_precision=float32"])

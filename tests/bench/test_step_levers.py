@@ -123,3 +123,23 @@ def test_summary_refuses_without_a_reference():
     table = step_levers.rows(cores=2, with_bf16=True)
     with pytest.raises(RuntimeError, match="reference"):
         step_levers.summarize(table, {"fused_bn": _result(5.0)}, {}, 0.05)
+
+
+def test_amx_cpus_get_the_bfloat16_rows_of_both_settings():
+    plain = {r.name for r in step_levers.rows(cores=2, with_bf16=True)}
+    amx = {r.name: r for r in step_levers.rows(cores=2, with_bf16=True, with_amx=True)}
+    added = set(amx) - plain
+    assert added == {
+        "reference_bfloat16",
+        "bfloat16_onednn_filter_grad",
+        "bfloat16_xla",
+        "fpmath_bf16",
+        "onednn_amp",
+    }
+    assert "--batch_norm=unfused" in amx["reference_bfloat16"].flags
+    assert "--mixed_precision=bfloat16" in amx["reference_bfloat16"].flags
+    assert dict(amx["fpmath_bf16"].env) == {"TF_SET_ONEDNN_FPMATH_MODE": "BF16"}
+    assert list(amx)[-1] == "reference_again"  # drift still shows last
+    assert hardware.has_amx(_cpu("GenuineIntel", "avx512f avx512_bf16 amx_bf16 amx_tile"))
+    assert not hardware.has_amx(_cpu("GenuineIntel", "avx512f avx512_bf16"))
+    assert not hardware.has_amx(_cpu("GenuineIntel", "avx512f amx_bf16"))

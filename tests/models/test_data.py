@@ -398,3 +398,36 @@ def test_shuffle_buffer_is_a_window_when_the_split_is_large(tmp_path, monkeypatc
     monkeypatch.setattr(data_lib, "FULL_SHUFFLE_BYTES", 10)
     assert data_lib.shuffle_buffer_size(files, 20) == 20  # fewer records than the window
     assert data_lib.shuffle_buffer_size(files, 50_000) == data_lib.WINDOW_SHUFFLE_RECORDS
+
+
+def test_a_small_labeled_subset_is_read_from_the_files_once(cifar_dir, transformed, tmp_path):
+    """A 1% subset used to be picked out of the shuffled whole split at every step (100 records
+    read per labeled one); filtered first and kept in memory, later epochs read no file."""
+    import shutil
+
+    from models.tasks.base import StageInputs
+    from models.tasks.finetune import FinetuneTask
+    from pipeline.configs import trainer_config
+
+    copies = []
+    for i, path in enumerate(
+        sorted(f for p in transformed.train_files for f in tf.io.gfile.glob(p))
+    ):
+        copies.append(str(tmp_path / f"part-{i}.gz"))
+        shutil.copy(path, copies[-1])
+    config = fixtures.tiny_config(cifar_dir, **{"finetune.label_fraction": 0.25})
+    inputs = StageInputs(copies, transformed.eval_files, transformed.transform_output, 10)
+    task = FinetuneTask(trainer_config(config, "finetune"), inputs)
+    kept = len(task.labeled_keys)
+    assert 0 < kept < len(transformed.train_keys) and task.subset_fits_in_memory(kept)
+    batches = iter(task.build_inputs(tf.distribute.InputContext(), 0))
+    first = collections.Counter()
+    for _ in range(2 * kept // task.batch_size + 1):
+        first.update(next(batches)[1].numpy().tolist())
+    for path in copies:
+        pathlib.Path(path).unlink()
+    later = collections.Counter()
+    for _ in range(3 * kept // task.batch_size):
+        later.update(next(batches)[1].numpy().tolist())
+    # The same subset, from memory: its classes in the same proportions as before.
+    assert set(later) == set(first)

@@ -244,3 +244,35 @@ def test_serving_default_center_crops_the_whole_stored_jpeg(tmp_path):
     expected = ref.resize(ref.center_crop(stored / 255.0, 0.875), image_size, image_size)
     expected = np.clip(expected, 0.0, 1.0).reshape(-1)
     np.testing.assert_allclose(served - served.mean(), expected - expected.mean(), atol=2e-3)
+
+
+def _function_names(saved_model_dir: pathlib.Path) -> list[str]:
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((saved_model_dir / "saved_model.pb").read_bytes())
+    return [f.signature.name for f in proto.meta_graphs[0].graph_def.library.function]
+
+
+def test_exports_leave_keras_layer_traces_out(finetune_run, tmp_path):
+    """Pins tf_keras's private `keras_option_scope` (no public switch exists for a tf.Module
+    holding Keras layers): on a tf-keras without it the import fails, and if it stops taking
+    effect the layer traces come back into the export."""
+    layer = keras.Sequential([keras.layers.Dense(3)])
+    layer.build([None, 2])
+
+    class Holder(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 2])])
+        def __call__(self, x):
+            return self.layer(x)
+
+    tf.saved_model.save(Holder(), str(tmp_path / "plain"))
+    traced = "call_and_return_conditional_losses"
+    assert any(traced in name for name in _function_names(tmp_path / "plain"))
+    assert not any(
+        traced in name for name in _function_names(pathlib.Path(finetune_run.serving_model_dir))
+    )

@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
+from models import resnet
 from models.resnet import (
     BATCH_NORM_EPSILON,
     ENDPOINTS,
@@ -396,3 +397,61 @@ def test_fine_tune_after_block_4_freezes_everything_and_minus_1_nothing():
     full(images)
     bn_moving = [v for v in full.variables if "moving_" in v.name]
     assert len(full.trainable_variables) == len(full.variables) - len(bn_moving)
+
+
+@pytest.mark.parametrize(
+    ("size", "kernel", "strides", "padding"),
+    [(4, 3, 1, "SAME"), (10, 3, 2, "VALID"), (8, 1, 2, "VALID"), (5, 3, 1, "SAME")],
+)
+def test_kernel_gradient_as_matmul_matches_the_convolutions(size, kernel, strides, padding):
+    rng = np.random.default_rng(size + kernel)
+    x = tf.constant(rng.normal(size=(3, size, size, 5)), tf.float32)
+    w = tf.Variable(rng.normal(size=(kernel, kernel, 5, 7)).astype(np.float32))
+    with tf.GradientTape() as tape:
+        y = tf.nn.conv2d(x, w, strides, padding)
+    dy = tf.constant(rng.normal(size=y.shape), tf.float32)
+    expected = tape.gradient(y, w, output_gradients=dy)
+    got = resnet.filter_grad_as_matmul(x, dy, kernel, strides, padding)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def _bf16_conv_step(size: int, strides: int) -> tuple[tf.Tensor, set[str]]:
+    """The kernel gradient of the project's Conv2D in bfloat16 and the op types of its graph."""
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    keras.utils.set_random_seed(7)  # the same kernel in every call
+    try:
+        conv = FixedPaddingConv2D(16, 3, strides)
+        x = tf.constant(np.random.default_rng(1).normal(size=(4, size, size, 8)), tf.float32)
+        conv(x)
+
+        @tf.function
+        def step(x):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.cast(conv(x), tf.float32) ** 2)
+            return tape.gradient(loss, conv.trainable_variables)[0]
+
+        graph = step.get_concrete_function(x).graph
+        ops = {op.type for op in graph.get_operations()}
+        for f in graph._functions.values():  # the custom gradient's function body
+            ops |= {node.op for node in f.definition.node_def}
+        return step(x), ops
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.skipif(bool(tf.config.list_logical_devices("GPU")), reason="a GPU is visible")
+def test_small_bfloat16_maps_get_their_kernel_gradient_as_one_matmul():
+    small, small_ops = _bf16_conv_step(8, 2)  # 4x4 output
+    large, large_ops = _bf16_conv_step(8, 1)  # 8x8 output: oneDNN's own kernel
+    assert "Conv2DBackpropFilter" not in small_ops and {"MatMul", "BatchMatMulV2"} & small_ops
+    assert "Conv2DBackpropFilter" in large_ops
+    # The same gradient as the convolution's, within bfloat16 rounding.
+    resnet.set_matmul_filter_grad_max_pixels(0)
+    try:
+        reference, reference_ops = _bf16_conv_step(8, 2)
+    finally:
+        resnet.set_matmul_filter_grad_max_pixels(resnet.MATMUL_FILTER_GRAD_MAX_PIXELS)
+    assert "Conv2DBackpropFilter" in reference_ops
+    np.testing.assert_allclose(
+        small.numpy(), reference.numpy(), rtol=0.02, atol=0.02 * np.abs(reference).max()
+    )

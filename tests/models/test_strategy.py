@@ -12,7 +12,13 @@ import tf_keras as keras
 from models.config import PretrainConfig
 from models.model import ENDPOINTS, SimCLRModel
 from models.optimizers import build_optimizer
-from models.strategy import make_strategy, set_precision, wrap_optimizer
+from models.strategy import (
+    AcceleratorMissing,
+    check_accelerator,
+    make_strategy,
+    set_precision,
+    wrap_optimizer,
+)
 from models.tasks.pretrain import contrastive_step, pretrain_metrics
 from tests.models import fixtures
 
@@ -33,8 +39,36 @@ def test_auto_strategy_on_one_cpu_is_the_default_strategy():
 def test_unknown_names_are_rejected_with_their_flag():
     with pytest.raises(ValueError, match="^--strategy: unknown strategy 'nccl'$"):
         make_strategy("nccl")
-    with pytest.raises(ValueError, match="^--mixed_precision: unknown dtype 'fp8'$"):
+    with pytest.raises(ValueError, match="^--mixed_precision: unknown or unresolved dtype 'fp8'$"):
         set_precision("fp8")
+    with pytest.raises(ValueError, match="unresolved dtype 'auto'"):
+        set_precision("auto")
+
+
+@pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="a GPU is visible")
+def test_a_gpu_trainer_without_a_gpu_stops_in_one_line():
+    with pytest.raises(AcceleratorMissing) as info:
+        check_accelerator("gpu", "mirrored")
+    message = str(info.value)
+    assert message.startswith("--accelerator=gpu: expected a GPU, TensorFlow ")
+    assert "sees none" in message and "/device:CPU:0" in message and "\n" not in message
+    for accelerator in ("auto", "cpu"):
+        check_accelerator(accelerator, "default")  # nothing is required of the device
+
+
+def test_a_tpu_trainer_that_reaches_no_tpu_stops_in_one_line(monkeypatch):
+    def unreachable(tpu=None):
+        raise ValueError(f"Could not lookup TPU metadata for {tpu}\nsecond line")
+
+    monkeypatch.setattr(tf.distribute.cluster_resolver, "TPUClusterResolver", unreachable)
+    with pytest.raises(AcceleratorMissing) as info:
+        make_strategy("tpu", "local")
+    assert str(info.value) == (
+        "--strategy=tpu: expected a TPU (local), none could be reached: "
+        "Could not lookup TPU metadata for local"
+    )
+    with pytest.raises(AcceleratorMissing, match="needs --strategy=tpu"):
+        check_accelerator("tpu", "default")
 
 
 @pytest.mark.parametrize(
