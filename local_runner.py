@@ -58,14 +58,20 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.digits import write_digits_dataset
 
     model_dir = config.runner.resolved_model_dir(config.data.dataset)
-    from models.strategy import local_replicas
+    from models.precision import resolve
+    from models.strategy import AcceleratorMissing, check_accelerator, local_replicas
     from pipeline.configs import ConfigError, validate
 
+    rt = config.runtime
     try:
-        validate(config, num_replicas=local_replicas(config.runtime.strategy))
-    except ConfigError as e:
+        validate(config, num_replicas=local_replicas(rt.strategy))
+        check_accelerator(rt.accelerator, rt.strategy)
+    except (ConfigError, AcceleratorMissing) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # Decided here, so that each Trainer's cache and checkpoint keys hold the dtype it uses.
+    precision = resolve(rt.mixed_precision, rt.strategy)
+    rt.mixed_precision = precision.dtype
     try:
         if config.data.dataset == "digits" and not config.data.data_dir:
             config.data.data_dir = str(write_digits_dataset(os.path.join(model_dir, "data")))
@@ -75,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             config.data.train_split,
             config.data.eval_split,
             config.data.drop_empty_class_folders,
+            unlabeled_dir=config.data.unlabeled_dir,
         )
         floor = pipeline_lib.min_top1(config, layout.num_classes)
     except ValueError as e:
@@ -93,10 +100,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"data: {layout.data_dir} ({layout.data_format}, splits {list(layout.splits)}, "
-        f"train={layout.train_split}, eval={layout.eval_split})",
+        f"train={layout.train_split}, eval={layout.eval_split}"
+        + (f", unlabeled pool: {layout.unlabeled}" if layout.unlabeled else "")
+        + ")",
+        flush=True,
+    )
+    readers = layout.split_readers(config)
+    print(
+        "reads: " + "; ".join(f"{split} -> {', '.join(by)}" for split, by in readers.items()),
         flush=True,
     )
     print(f"outputs: {model_dir}", flush=True)
+    print(
+        "cache: on (finished components are reused and a killed Trainer resumes; "
+        "--noenable_cache recomputes everything)"
+        if config.runner.enable_cache
+        else "cache: off (every component runs again; training starts from step 0)",
+        flush=True,
+    )
+    print(precision.line(), flush=True)
     how = "--min_top1" if config.eval.min_top1 >= 0 else "default: clearly above chance"
     print(
         f"evaluation: protocol {config.finetune.finetune_protocol}; gate top-1 >= {floor:.4f} "

@@ -17,6 +17,12 @@ configures them (`pipeline.configs.build_config` → `trainer_config`) and run b
   the same labels for the same total (budget + fine-tune minutes);
 - a curve of kNN top-1 against training minutes (`curve.png`).
 
+With --unlabeled_share=S the labels are not masked: S of every train class is moved (as
+symbolic links) into `unlabeled/`, a real unlabeled pool the pipeline ingests as its own split.
+Pretraining then reads the pool and the labeled rest; fine-tuning and the supervised arm read
+the labeled rest with all its labels (the same images --label_fractions=1-S with the same seed
+would select), and the kNN memory bank holds the labeled rest only.
+
 Minutes become step counts (the learning-rate schedules need them) through step times measured
 by short calibration runs of the same stages (or --step_seconds). Training time is read back
 from each Trainer's TensorBoard events; what the kNN monitor takes (the floors before the first
@@ -52,8 +58,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from models import data as data_lib  # noqa: E402
-from models import knn  # noqa: E402
-from models.config import RESNET_DEPTHS, TrainerConfig  # noqa: E402
+from models import knn, precision  # noqa: E402
+from models.config import RESNET_DEPTHS, UNLABELED_SPLIT, TrainerConfig  # noqa: E402
 from pipeline.configs import build_config, trainer_config  # noqa: E402
 from transform import preprocessing as tp  # noqa: E402
 
@@ -87,6 +93,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Linear-evaluation time per encoder; -1: 15%% of the budget.",
     )
     p.add_argument("--label_fractions", default="0.1,0.01", help="Comma-separated fractions.")
+    p.add_argument(
+        "--unlabeled_share",
+        type=float,
+        default=0.0,
+        help="Move this share of every train class into an unlabeled pool (instead of masking "
+        "labels with --label_fractions); 0 = off.",
+    )
     p.add_argument("--data_dir", default=str(REPO_ROOT.parent / "shared" / "data" / "cifar10"))
     p.add_argument("--out", default=str(REPO_ROOT / "output" / "quality"), help="Report folder.")
     p.add_argument(
@@ -121,7 +134,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--supervised_learning_rate", type=float, default=0.1)
     p.add_argument("--supervised_weight_decay", type=float, default=5e-4)
     p.add_argument(
-        "--mixed_precision", default="float32", choices=("float32", "bfloat16", "float16")
+        "--mixed_precision",
+        default="auto",
+        choices=precision.PRECISIONS,
+        help="auto (the pipeline's default): bfloat16 on CPUs with AMX, else float32.",
     )
     p.add_argument("--knn_points", type=int, default=8, help="kNN evaluations along pretraining.")
     p.add_argument("--eval_batch_size", type=int, default=512)
@@ -154,6 +170,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     given = [args.transform_graph, args.train_examples, args.test_examples]
     if any(given) and not all(given):
         p.error("--transform_graph, --train_examples and --test_examples go together")
+    if not 0 <= args.unlabeled_share < 1:
+        p.error("--unlabeled_share must be in [0, 1)")
+    if args.unlabeled_share and (any(given) or args.train_images):
+        p.error("--unlabeled_share builds its own pipeline run over the whole train split")
+    if args.unlabeled_share:
+        args.label_fractions = [1.0]  # every label of the labeled rest
     if not (pathlib.Path(args.data_dir) / "train").is_dir():
         p.error(f"--data_dir: no train/ class folders under {args.data_dir}")
     # Absolute, since the pipeline run works from the repository root.
@@ -199,6 +221,8 @@ class TransformedData:
     train_files: list[str]
     test_files: list[str]
     source: str
+    # The unlabeled pool's transformed split, which only pretraining reads.
+    unlabeled_files: list[str] = field(default_factory=list)
 
 
 def run_pipeline_for_transform(data_dir: str, model_dir: pathlib.Path, per_class: int) -> None:
@@ -256,12 +280,38 @@ def transform_from_pipeline(model_dir: str, eval_split: str = "test") -> Transfo
             [artifact] = store.get_artifacts_by_id([event.artifact_id])
             uris[event.path.steps[0].key] = artifact.uri
     examples = uris["transformed_examples"]
+    pool = os.path.join(examples, f"Split-{UNLABELED_SPLIT}")
     return TransformedData(
         transform_graph=uris["transform_graph"],
         train_files=[os.path.join(examples, "Split-train", "*")],
         test_files=[os.path.join(examples, f"Split-{eval_split}", "*")],
         source=f"Transform output of the local_runner.py run in {model_dir}",
+        unlabeled_files=[os.path.join(pool, "*")] if tf.io.gfile.isdir(pool) else [],
     )
+
+
+def pool_tree(data_dir: str, share: float, seed: int, out: pathlib.Path) -> pathlib.Path:
+    """`data_dir` as symbolic links with `share` of every train class moved into `unlabeled/`.
+
+    The labeled rest is the stratified subset `select_label_fraction` picks for 1 - share with
+    `seed` (keys '<class>/<file>', as the ExampleGen writes them), so the label-masking run
+    with --label_fractions=1-share fine-tunes on the same images.
+    """
+    source = pathlib.Path(data_dir)
+    classes = sorted(p.name for p in (source / "train").iterdir() if p.is_dir())
+    files = [(c, f.name) for c in classes for f in sorted((source / "train" / c).iterdir())]
+    labels = np.array([classes.index(c) for c, _ in files])
+    keys = np.array([f"{c}/{name}".encode() for c, name in files], dtype=object)
+    labeled = set(data_lib.select_label_fraction(labels, keys, 1 - share, seed).tolist())
+    if out.exists():
+        shutil.rmtree(out)
+    for c, name in files:
+        folder = "train" if f"{c}/{name}".encode() in labeled else UNLABELED_SPLIT
+        (out / folder / c).mkdir(parents=True, exist_ok=True)
+        (out / folder / c / name).symlink_to(source / "train" / c / name)
+    for split in (p for p in source.iterdir() if p.is_dir() and p.name != "train"):
+        (out / split.name).symlink_to(split)
+    return out
 
 
 def stratified_subset(labels: np.ndarray, keys: np.ndarray, count: int) -> set[bytes]:
@@ -323,6 +373,12 @@ def prepare_data(args: argparse.Namespace) -> TransformedData:
         )
     elif args.pipeline_dir:
         data = transform_from_pipeline(args.pipeline_dir)
+    elif args.unlabeled_share:
+        tree = pool_tree(args.data_dir, args.unlabeled_share, args.seed, work / "pool_tree")
+        key = f"{os.path.abspath(args.data_dir)}:pool:{args.unlabeled_share}:{args.seed}"
+        model_dir = work / f"pipeline-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+        run_pipeline_for_transform(str(tree), model_dir, 0)
+        data = transform_from_pipeline(str(model_dir))
     else:
         classes = [p for p in (pathlib.Path(args.data_dir) / "train").iterdir() if p.is_dir()]
         wanted = max(args.train_images, args.test_images)
@@ -450,6 +506,10 @@ class Bench:
         self.runs = pathlib.Path(args.work_dir) / "runs"
         self.train_labels, self.train_keys = data_lib.read_labels_and_keys(data.train_files)
         self.num_train = len(self.train_keys)
+        # Pretraining reads the unlabeled pool too (when there is one).
+        self.pretrain_files = list(data.train_files) + list(data.unlabeled_files)
+        pool = data_lib.count_records(data.unlabeled_files) if data.unlabeled_files else 0
+        self.num_pretrain = self.num_train + pool
         self.test = split_fingerprint(data.test_files)
 
     def flags(self, **stage: Any) -> dict[str, Any]:
@@ -473,7 +533,7 @@ class Bench:
         """The SimCLR CIFAR-10 recipe (LARS, T=0.5, jitter 0.5, no blur) for `steps` steps."""
         a = self.args
         # The Trainer shrinks a batch larger than the data to the data (one replica).
-        epochs = steps * min(a.batch_size, self.num_train) / self.num_train
+        epochs = steps * min(a.batch_size, self.num_pretrain) / self.num_pretrain
         flags = self.flags(
             train_batch_size=a.batch_size,
             train_steps=steps,
@@ -546,9 +606,10 @@ class Bench:
         shutil.rmtree(run_dir, ignore_errors=True)
         serving = str(run_dir / "serving_model")
         print(f"== {name}", flush=True)
+        pretraining = config.stage == "pretrain"
         results = run_stage(
             config,
-            train_files=self.data.train_files,
+            train_files=self.pretrain_files if pretraining else self.data.train_files,
             eval_files=self.data.test_files,
             transform_output_dir=self.data.transform_graph,
             serving_model_dir=serving,
@@ -617,6 +678,14 @@ def fraction_id(fraction: float) -> str:
     return f"{fraction * 100:g}pct"
 
 
+def arm_id(fraction: float, unlabeled_share: float) -> str:
+    """A semi-supervised arm's id: its label fraction, of the whole train split ('10pct') or,
+    with an unlabeled pool, the labeled share of pool + labeled rest ('10pct_pool')."""
+    if unlabeled_share:
+        return f"{fraction_id(fraction * (1 - unlabeled_share))}_pool"
+    return fraction_id(fraction)
+
+
 def verdicts(rows: dict[str, Row]) -> dict[str, Any]:
     """The two quality targets, judged on the measured rows; a target whose rows were not
     measured is left out."""
@@ -634,6 +703,15 @@ def verdicts(rows: dict[str, Row]) -> dict[str, Any]:
     return out
 
 
+def _machine_line(machine: dict[str, Any]) -> str:
+    p = machine.get("precision") or {}
+    amx = "AMX" if machine.get("amx") else "no AMX"
+    return (
+        f"Machine: {machine.get('cpu', 'unknown CPU')} ({amx}), {machine.get('cpu_cores')} cores; "
+        f"precision {p.get('dtype', 'float32')} ({p.get('reason', 'not recorded')})."
+    )
+
+
 def markdown(result: dict[str, Any]) -> str:
     """results.md: the tables docs/benchmarks.md shows."""
     rows = {r["id"]: r for r in result["rows"]}
@@ -649,6 +727,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{b['linear_eval_minutes']:g} min linear evaluation, {b['finetune_minutes']:g} min "
         "fine-tuning per label fraction.",
         "",
+        _machine_line(result.get("machine", {})),
+        "",
         "| encoder | kNN top-1 (k=200, T=0.1) | linear eval top-1 |",
         "|---|---|---|",
         f"| SimCLR, {b['pretrain_minutes']:g} min | {cell('knn/simclr')} | "
@@ -660,10 +740,14 @@ def markdown(result: dict[str, Any]) -> str:
         f"min) | supervised from scratch ({b['supervised_minutes']:g} min) |",
         "|---|---|---|",
     ]
+    share = result["config"].get("unlabeled_share", 0.0)
     for fraction in result["config"]["label_fractions"]:
-        tag = fraction_id(fraction)
+        tag = arm_id(fraction, share)
+        labels = (
+            f"{pct(fraction * (1 - share))}, rest an unlabeled pool" if share else pct(fraction)
+        )
         lines.append(
-            f"| {pct(fraction)} | {cell(f'finetune_{tag}/simclr')} | "
+            f"| {labels} | {cell(f'finetune_{tag}/simclr')} | "
             f"{cell(f'finetune_{tag}/supervised')} |"
         )
     measured = [
@@ -843,6 +927,10 @@ def stage_summary(run: StageRun, steps: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    # Decided once, as the pipeline does, so every stage and the record use the same dtype.
+    choice = precision.resolve(args.mixed_precision, "default")
+    args.mixed_precision = choice.dtype
+    print(choice.line(), flush=True)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -860,6 +948,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": {
             "device": "GPU" if tf.config.list_logical_devices("GPU") else "CPU",
             "cpu_cores": os.cpu_count(),
+            "cpu": precision.cpu_device().name,
+            "amx": all(f in precision.cpu_device().cpu_flags for f in precision.AMX_FLAGS),
+            "precision": {"dtype": choice.dtype, "reason": choice.reason},
             "load_average_1min": [],
         },
         "data": {
@@ -867,6 +958,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "transform_graph": data.transform_graph,
             "train_files": data.train_files,
             "train_examples": bench.num_train,
+            "unlabeled_files": data.unlabeled_files,
+            "pretrain_examples": bench.num_pretrain,
             "test_files": test_files,
             "test": bench.test,
         },
@@ -906,7 +999,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "finetune": costs["supervised"].steps_for(args.finetune_minutes),
         "supervised": costs["supervised"].steps_for(b["supervised_minutes"]),
     }
-    epochs = steps["pretrain"] * min(args.batch_size, bench.num_train) / bench.num_train
+    epochs = steps["pretrain"] * min(args.batch_size, bench.num_pretrain) / bench.num_pretrain
     knn_every = max(1, round(epochs / args.knn_points))
     b.update(steps=steps, pretrain_epochs=round(epochs, 2), knn_every_epochs=knn_every)
     save()
@@ -942,7 +1035,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         save()
 
     for fraction in args.label_fractions:
-        tag = fraction_id(fraction)
+        tag = arm_id(fraction, args.unlabeled_share)
         result.setdefault("labeled_examples", {})[tag] = bench.labeled_count(fraction)
         run = bench.run(f"finetune_{tag}", bench.fine_tune(steps["finetune"], fraction), pretrained)
         result["stages"][f"finetune_{tag}"] = stage_summary(run, steps["finetune"])

@@ -16,6 +16,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from models.precision import PRECISIONS
+
+ACCELERATORS = ("auto", "cpu", "gpu", "tpu")
+
 # Residual blocks in each of the four groups, by ResNet depth (TensorFlow-free, so flag checks
 # can use it without loading TensorFlow).
 BLOCKS_PER_GROUP: dict[int, tuple[int, int, int, int]] = {
@@ -28,6 +32,8 @@ BLOCKS_PER_GROUP: dict[int, tuple[int, int, int, int]] = {
 }
 RESNET_DEPTHS = tuple(BLOCKS_PER_GROUP)
 STAGES = ("pretrain", "finetune", "distill")
+# The ExampleGen split of the unlabeled pool; every record in it has label -1.
+UNLABELED_SPLIT = "unlabeled"
 OPTIMIZERS = ("lars", "momentum", "adam")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 
@@ -74,8 +80,9 @@ class ModelConfig:
     num_proj_layers: int = opt(3, "Number of layers of the nonlinear projection head.")
     ft_proj_selector: int = opt(
         0,
-        "Which projection-head layer feeds the supervised head: 0 = backbone output, -1 = the "
-        "last layer.",
+        "Which projection-head layer feeds the supervised head: 0 = backbone output, i = the "
+        "output of head layer i, -1 = the last layer (the projection output), as in the "
+        "reference. Fine-tuning trains the head layers below the selected output.",
     )
 
 
@@ -114,6 +121,18 @@ class PretrainConfig(StageConfig):
         "Before the first step it also logs the floors: the same kNN with the randomly "
         "initialized encoder and on raw pixels.",
     )
+    warm_start: bool = opt(
+        False,
+        "Start pretraining from the latest pretrained encoder of an earlier run of this "
+        "pipeline (backbone and projection head: weights and batch-norm statistics) instead of "
+        "a random initialization, with a fresh schedule of --warm_start_epochs over the data "
+        "read now. Without an earlier pretrained model it starts from scratch.",
+    )
+    warm_start_epochs: int = opt(
+        0,
+        "Epochs of a warm-started pretraining's schedule (warmup and cosine decay over them); "
+        "0 = --train_epochs / --train_steps.",
+    )
 
 
 @dataclass
@@ -127,7 +146,8 @@ class FinetuneConfig(StageConfig):
         "network from the first projection layer, ft_proj_selector=1: LARS, lr 0.005 with sqrt "
         "scaling, no decay or warmup; 60 epochs on 1% of the labels, 30 on 10%), or 'auto': "
         "linear_eval on all labels, fine_tune with --label_fraction/--label_subset. With "
-        "--train_mode=finetune and no --checkpoint the stage is plain supervised training.",
+        "--train_mode=finetune and no --checkpoint the stage is plain supervised training, "
+        "'supervised', the only protocol accepted there and nowhere else.",
         choices=("auto", "linear_eval", "fine_tune", "supervised"),
     )
     fine_tune_after_block: int = opt(
@@ -181,9 +201,19 @@ class RuntimeConfig:
     )
     tpu_name: str = opt("", "TPU name or grpc:// address for --strategy=tpu.")
     mixed_precision: str = opt(
-        "float32",
-        "Compute dtype: float32, bfloat16 (TPU, GPU, AMX CPUs) or float16 (GPU, loss scaling).",
-        choices=("float32", "bfloat16", "float16"),
+        "auto",
+        "Compute dtype: auto (bfloat16 where the device computes it natively and fast: CPUs "
+        "with AMX, TPUs, GPUs of compute capability >= 8.0; float32 elsewhere, including CPUs "
+        "with AVX512_BF16 but no AMX, where bfloat16 is slower), float32, bfloat16, or float16 "
+        "(GPU, loss scaling). Resolved when the pipeline is built and printed with its reason.",
+        choices=PRECISIONS,
+    )
+    accelerator: str = opt(
+        "auto",
+        "Device the Trainer must train on: auto (whatever TensorFlow sees), cpu, gpu or tpu. With "
+        "gpu or tpu a Trainer that sees none stops at start with one line instead of training on "
+        "the CPU (the Vertex AI GPU and TPU Trainers set it).",
+        choices=ACCELERATORS,
     )
     jit_compile: bool = opt(False, "Compile the train step with XLA.")
     eval_batch_size: int = opt(256, "Batch size for in-Trainer evaluation.")
@@ -209,6 +239,10 @@ class LabelConfig:
     label_fraction: float = 1.0
     label_fraction_seed: int = 0
     label_subset: str = ""
+    # The stage's epochs follow the semi-supervised recipe (`semi_supervised_epochs`) of the
+    # labeled fraction the Trainer counts: labeled examples it reads over all examples the
+    # pretraining read (labeled train plus the unlabeled pool).
+    recipe_epochs: bool = False
 
 
 @dataclass

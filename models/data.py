@@ -6,6 +6,7 @@ Augmentation lives here, not in Transform, so every step sees fresh random views
 from __future__ import annotations
 
 import hashlib
+import posixpath
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from models import augment
+from models.config import UNLABELED_SPLIT
 from transform import preprocessing as tp
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -54,10 +56,14 @@ def shuffle_buffer_size(files: Sequence[str] | str, num_records: int) -> int:
     come from the positive's own class. Small splits are therefore shuffled whole; large ones
     rely on the ingestion writing records in a seeded random order.
     """
-    size = sum(tf.io.gfile.stat(f).length for f in _file_list(files))
-    if size <= FULL_SHUFFLE_BYTES:
+    if split_bytes(files) <= FULL_SHUFFLE_BYTES:
         return max(1, num_records)
     return max(1, min(num_records, WINDOW_SHUFFLE_RECORDS))
+
+
+def split_bytes(files: Sequence[str] | str) -> int:
+    """Bytes of a split's (compressed) transformed record files."""
+    return sum(tf.io.gfile.stat(f).length for f in _file_list(files))
 
 
 def _record_dataset(files: Sequence[str] | str, shuffle: bool, seed: int) -> tf.data.Dataset:
@@ -191,16 +197,20 @@ def train_dataset(
     ds = _record_dataset(files, shuffle=True, seed=seed)
     if shard[0] > 1:
         ds = ds.shard(*shard)
-    if cache:
-        ds = ds.cache()
-    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
     if keep_keys is not None:
-        # Before skip, which counts consumed (kept) examples, and before decoding any image.
+        # Before the shuffle and the cache, and before decoding any image: a 1% subset picked
+        # out of the shuffled whole split read 100 records for every one trained on, at every
+        # step; filtered first (and cached, when `cache`), the subset is read from the files once.
         is_kept = _membership(keep_keys)
         key_only = {tp.KEY_KEY: tf.io.FixedLenFeature([], tf.string)}
         ds = ds.filter(
             lambda s: is_kept({"key": tf.io.parse_single_example(s, key_only)[tp.KEY_KEY]})
         )
+        shuffle_buffer = max(1, min(shuffle_buffer, len(keep_keys)))
+    if cache:
+        ds = ds.cache()
+    # Skip counts consumed (kept) examples of this seeded order, so a resumed run goes on.
+    ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
     if skip_examples:
         ds = ds.skip(skip_examples)
     ds = ds.map(_parse(spec), num_parallel_calls=AUTOTUNE)
@@ -267,3 +277,38 @@ def eval_dataset(files: Sequence[str] | str, spec: ImageSpec, batch_size: int) -
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     """Steps between epoch-based checkpoints, rounded as the reference rounds them."""
     return max(1, int(round(num_examples / batch_size)))
+
+
+# ----- the unlabeled pool (the ExampleGen split 'unlabeled', label -1 on every record) -----
+
+
+def _split_name(pattern: str) -> str:
+    """The split of a TFX split file pattern `<artifact uri>/Split-<name>/*`."""
+    folder = posixpath.basename(posixpath.dirname(pattern.rstrip("/")))
+    return folder.removeprefix("Split-") if folder.startswith("Split-") else ""
+
+
+def labeled_split_files(files: Sequence[str]) -> list[str]:
+    """`files` without the unlabeled pool's: what a labeled-only reader (the kNN bank) reads."""
+    return [f for f in files if _split_name(f) != UNLABELED_SPLIT]
+
+
+def pool_files_beside(files: Sequence[str]) -> list[str]:
+    """The unlabeled split's file patterns in the artifacts `files` come from (those present).
+
+    Fine-tuning reads only the labeled train split, yet its semi-supervised recipe needs the
+    size of everything pretraining read, pool included.
+    """
+    out = []
+    for f in files:
+        artifact = posixpath.dirname(posixpath.dirname(f.rstrip("/")))
+        pattern = posixpath.join(artifact, f"Split-{UNLABELED_SPLIT}", posixpath.basename(f))
+        if _split_name(f) and pattern not in out and tf.io.gfile.glob(pattern):
+            out.append(pattern)
+    return out
+
+
+def count_records(files: Sequence[str] | str) -> int:
+    """Records in GZIP TFRecord files, without parsing them."""
+    ds = _record_dataset(files, shuffle=False, seed=0)
+    return int(ds.reduce(np.int64(0), lambda count, _: count + 1).numpy())

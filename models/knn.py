@@ -173,6 +173,7 @@ class KnnMonitor:
         total_steps: int,
         k: int = DEFAULT_K,
         temperature: float = DEFAULT_TEMPERATURE,
+        starts_trained: bool = False,
     ):
         if every_steps < 1:
             raise ValueError(
@@ -189,6 +190,8 @@ class KnnMonitor:
         self.total_steps = total_steps
         self.k = k
         self.temperature = temperature
+        # A warm-started encoder: its step-0 kNN is where training starts, not a floor.
+        self.starts_trained = starts_trained
         self.floor_values: dict[str, float] = {}
         self.last: dict[str, float] = {}
         self._embed = backbone_embedding(model)
@@ -230,7 +233,9 @@ class KnnMonitor:
         They are saved as FLOORS_FILE in `save_dir` (the checkpoint directory). A run resumed
         past step 0 reads them back from `restore_dir` (default: save_dir) into `last` rather
         than recomputing them (the backbone is no longer at its initialization) and returns {},
-        so they are logged once, by the run that measured them.
+        so they are logged once, by the run that measured them. An encoder that `starts_trained`
+        (warm start) has no random-init floor: its step-0 kNN is logged as the kNN accuracy at
+        step 0, where training starts from.
         """
         if step > 0:
             directory = restore_dir or save_dir
@@ -240,7 +245,8 @@ class KnnMonitor:
                     self.floor_values = {k: float(v) for k, v in json.load(f).items()}
                 self.last = {**self.last, **self.floor_values}
             return {}
-        floors = {RANDOM_INIT_METRIC: self.accuracy()}
+        start = {METRIC if self.starts_trained else RANDOM_INIT_METRIC: self.accuracy()}
+        floors = {} if self.starts_trained else dict(start)
         raw = self.raw_pixel_accuracy()
         if raw is not None:
             floors[RAW_PIXELS_METRIC] = raw
@@ -249,8 +255,8 @@ class KnnMonitor:
             with tf.io.gfile.GFile(os.path.join(save_dir, FLOORS_FILE), "w") as f:
                 json.dump(floors, f, indent=2)
         self.floor_values = floors
-        self.last = dict(floors)
-        return floors
+        self.last = {**start, **floors}
+        return dict(self.last)
 
     def __call__(self, step: int) -> dict[str, float]:
         if not knn_due(step, self.every_steps, self.checkpoint_every, self.total_steps):

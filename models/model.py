@@ -139,9 +139,12 @@ def import_projection_head(head: ProjectionHead, path: str, selector: int) -> in
     """Copies the first `selector` projection layers of a released-format SavedModel into `head`.
 
     SimCLRv2 fine-tunes from the first projection layer (ft_proj_selector=1): those layers must
-    start from their pretrained values, not from a random initialization. Returns the number of
-    layers copied; a layer missing from the SavedModel is a one-line error.
+    start from their pretrained values, not from a random initialization. As in the reference
+    (`hiddens_list[ft_proj_selector]`), -1 selects the head's output, so every layer is copied.
+    Returns the number of layers copied; a layer missing from the SavedModel is a one-line error.
     """
+    if selector < 0:
+        selector = head.num_layers + 1 + selector
     if selector <= 0:
         return 0
     loaded = tf.saved_model.load(path)

@@ -83,6 +83,24 @@ def _format_eta(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+def restore_whole(checkpoint: tf.train.Checkpoint, path: str, stage: str) -> None:
+    """Restores `path` into every variable that exists now, or fails with one line.
+
+    A checkpoint of other code (a renamed layer, another head) would otherwise restore the
+    variables it shares with this model and leave the rest initialized, silently. Values in
+    the checkpoint that nothing here reads yet (optimizer slots, created at the first step)
+    are restored when they are created.
+    """
+    try:
+        checkpoint.restore(path).expect_partial().assert_existing_objects_matched()
+    except (AssertionError, ValueError) as e:  # missing variables; other shapes
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"{stage}: checkpoint {path} does not match this model ({first[:200]}); remove "
+            "its directory to train afresh"
+        ) from None
+
+
 def run(
     strategy: tf.distribute.Strategy,
     model: keras.Model,
@@ -126,7 +144,7 @@ def run(
         )
         latest = tf.train.latest_checkpoint(restore_dir or checkpoint_dir)
         if latest:
-            checkpoint.restore(latest).expect_partial()
+            restore_whole(checkpoint, latest, settings.stage)
         start = int(global_step.numpy())
     if latest:
         log.info("Restored %s at step %d", latest, start)

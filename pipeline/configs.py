@@ -67,6 +67,13 @@ class DataConfig:
         "Split for evaluation (TFMA and the Evaluator gate). Empty: 'test' if present, else "
         "'validation'.",
     )
+    unlabeled_dir: str = opt(
+        "",
+        "A folder (local or gs://) of unlabeled images at any depth, ingested as the split "
+        "'unlabeled' (label -1; sub-folders are not classes). Without it, <data_dir>/unlabeled/ "
+        "is that pool when present; TFRecord data names it by a split 'unlabeled' or "
+        "'unlabelled' (records with label -1, as TFDS STL-10, or none).",
+    )
     labels_file: str = opt(
         "",
         "Optional file with one class name per line (line i = class id i); default: sorted "
@@ -155,7 +162,12 @@ class RunnerConfig:
         choices=("in_memory", "multi_processing", "multi_threading"),
     )
     beam_workers: int = opt(0, "DirectRunner workers for multi_processing; 0 = number of CPUs.")
-    enable_cache: bool = opt(False, "Reuse outputs of unchanged components from earlier runs.")
+    enable_cache: bool = opt(
+        True,
+        "Reuse outputs of components whose inputs, configuration and code (a digest of models/ "
+        "and transform/) are unchanged, so a rerun of the same command resumes where it "
+        "stopped; --noenable_cache recomputes everything, training from step 0.",
+    )
 
     def resolved_model_dir(self, dataset: str) -> str:
         return os.path.abspath(self.model_dir or os.path.join("output", dataset))
@@ -178,6 +190,9 @@ class SimCLRConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
+    # Not a flag: set by build_config when the fine-tuning epochs come from the semi-supervised
+    # recipe, so the Trainer picks them from the labeled fraction it actually counts.
+    recipe_epochs: bool = False
 
     # ----- serialization (the Trainer's custom_config carries this JSON) -----
     def to_dict(self) -> dict:
@@ -354,19 +369,64 @@ def build_config(overrides: dict[str, Any]) -> SimCLRConfig:
     for path, value in protocol_recipe(config).items():
         if path not in given:
             set_path(config, path, value)
+            if path == "finetune.train_epochs" and semi_supervised(config):
+                # Steps given on the command line replace epochs altogether.
+                config.recipe_epochs = not config.finetune.train_steps
     config.finetune.finetune_protocol = resolved_protocol(config)
     validate(config)
     return config
 
 
 def resolved_protocol(config: SimCLRConfig) -> str:
-    """The finetune stage's protocol: 'auto' resolved as the SimCLR paper reports results."""
+    """The finetune stage's protocol: 'auto' resolved as the SimCLR paper reports results.
+
+    'supervised' names training from scratch only; a protocol that contradicts whether there is
+    a pretrained backbone is refused, so no accuracy is reported under a name it did not earn.
+    """
     f = config.finetune
-    if config.train_mode == "finetune" and not f.checkpoint:
+    pretrained = config.train_mode == "pretrain" or bool(f.checkpoint)
+    if f.finetune_protocol == "supervised" and pretrained:
+        raise ConfigError(
+            "--finetune_protocol: 'supervised' is training from scratch (--train_mode=finetune "
+            "without --checkpoint); a pretrained backbone takes 'linear_eval' or 'fine_tune'"
+        )
+    if f.finetune_protocol in ("linear_eval", "fine_tune") and not pretrained:
+        raise ConfigError(
+            f"--finetune_protocol: {f.finetune_protocol!r} evaluates a pretrained backbone; "
+            "--train_mode=finetune without --checkpoint trains from scratch ('supervised')"
+        )
+    if not pretrained:
         return "supervised"
     if f.finetune_protocol != "auto":
         return f.finetune_protocol
-    return "fine_tune" if f.label_subset or f.label_fraction < 1.0 else "linear_eval"
+    return "fine_tune" if semi_supervised(config) else "linear_eval"
+
+
+def semi_supervised(config: SimCLRConfig) -> bool:
+    """Whether fine-tuning sees only part of what pretraining read: a label selection, or an
+    unlabeled pool beside the labeled images."""
+    f = config.finetune
+    return bool(f.label_subset or f.label_fraction < 1.0 or has_unlabeled_pool(config.data))
+
+
+def has_unlabeled_pool(data: DataConfig) -> bool:
+    """--unlabeled_dir, or a local data_dir holding `unlabeled/` or TFDS unlabeled split files.
+
+    Only local folders are looked at here (no storage client at flag time); the pipeline's
+    `inspect_data` finds the pool wherever the data is.
+    """
+    if data.unlabeled_dir:
+        return True
+    if not data.data_dir or "://" in data.data_dir or not os.path.isdir(data.data_dir):
+        return False
+    if os.path.isdir(os.path.join(data.data_dir, "unlabeled")):
+        return True
+    names = os.listdir(data.data_dir)
+    return any(f"-{split}.tfrecord" in n for n in names for split in UNLABELED_TFRECORD_SPLITS)
+
+
+# TFDS names of unlabeled splits (STL-10: 'unlabelled'); each is ingested as 'unlabeled'.
+UNLABELED_TFRECORD_SPLITS = ("unlabeled", "unlabelled")
 
 
 def protocol_recipe(config: SimCLRConfig) -> dict[str, Any]:
@@ -389,17 +449,13 @@ def protocol_recipe(config: SimCLRConfig) -> dict[str, Any]:
     elif "finetune.train_epochs" in DATASET_PRESETS[config.data.dataset]:
         # A preset's epoch budget (a laptop demo) stands; the rest of the recipe applies.
         recipe.pop("finetune.train_epochs")
-    f = config.finetune
-    if protocol == "fine_tune" and (f.label_subset or f.label_fraction < 1.0):
-        fraction = f.label_fraction if not f.label_subset else _subset_fraction(f.label_subset)
-        recipe["finetune.train_epochs"] = semi_supervised_epochs(fraction)
+    if protocol == "fine_tune" and semi_supervised(config):
+        # A provisional count: the Trainer replaces it with the recipe of the labeled fraction
+        # it counts (labeled examples it reads over all examples pretraining read), since a
+        # subset list or an unlabeled pool says nothing about that fraction until the data is
+        # read (`SimCLRConfig.recipe_epochs`).
+        recipe["finetune.train_epochs"] = semi_supervised_epochs(config.finetune.label_fraction)
     return recipe
-
-
-def _subset_fraction(label_subset: str) -> float:
-    """The fraction a named subset stands for, read from its name (ImageNet's 1%/10% lists)."""
-    name = os.path.basename(label_subset)
-    return 0.01 if "1percent" in name or "1pct" in name else 0.1
 
 
 def trainer_config(config: SimCLRConfig, stage: str) -> TrainerConfig:
@@ -413,7 +469,12 @@ def trainer_config(config: SimCLRConfig, stage: str) -> TrainerConfig:
         augment = config.augment
     else:
         f = config.finetune
-        labels = LabelConfig(f.label_fraction, f.label_fraction_seed, f.label_subset)
+        labels = LabelConfig(
+            f.label_fraction,
+            f.label_fraction_seed,
+            f.label_subset,
+            recipe_epochs=stage == "finetune" and config.recipe_epochs,
+        )
     if stage == "distill":
         dist = config.distill
         model = dataclasses.replace(
@@ -460,6 +521,12 @@ def validate(config: SimCLRConfig, num_replicas: int = 1) -> None:
     need(d.max_images_per_class >= 0, "max_images_per_class", "must be >= 0")
     if d.labels_file and not d.labels_file.startswith("gs://"):
         need(os.path.isfile(d.labels_file), "labels_file", f"no such file: {d.labels_file}")
+    if d.unlabeled_dir and "://" not in d.unlabeled_dir:
+        need(
+            os.path.isdir(d.unlabeled_dir),
+            "unlabeled_dir",
+            f"no such directory: {d.unlabeled_dir}",
+        )
     need(
         m.resnet_depth in RESNET_DEPTHS,
         "resnet_depth",
@@ -534,6 +601,7 @@ def validate(config: SimCLRConfig, num_replicas: int = 1) -> None:
         )
     need(config.pretrain.temperature > 0, "temperature", "must be positive")
     need(config.pretrain.knn_every_epochs >= 0, "knn_every_epochs", "must be >= 0")
+    need(config.pretrain.warm_start_epochs >= 0, "warm_start_epochs", "must be >= 0")
     f = config.finetune
     need(-1 <= f.fine_tune_after_block <= 4, "fine_tune_after_block", "must be in [-1, 4]")
     need(0 < f.label_fraction <= 1, "label_fraction", f"must be in (0, 1], got {f.label_fraction}")
@@ -585,6 +653,7 @@ USED_BY: dict[str, str] = {
     "data.train_split": "pipeline/pipeline.py (Transform, Trainer)",
     "data.eval_split": "pipeline/pipeline.py (Transform, Trainer, Evaluator)",
     "data.labels_file": "pipeline/image_example_gen/executor.py",
+    "data.unlabeled_dir": "pipeline/pipeline.py, pipeline/image_example_gen/executor.py",
     "data.max_bad_fraction": "pipeline/image_example_gen/executor.py",
     "data.max_images_per_class": "pipeline/image_example_gen/executor.py",
     "data.drop_empty_class_folders": "pipeline/image_example_gen/executor.py",
@@ -606,6 +675,7 @@ USED_BY: dict[str, str] = {
     "<stage>.hidden_norm": "models/loss.py",
     "<stage>.lineareval_while_pretraining": "models/tasks/pretrain.py",
     "<stage>.knn_every_epochs": "models/knn.py",
+    "<stage>.warm_start": "pipeline/pipeline.py (resolver), models/tasks/pretrain.py",
     "<stage>.optimizer": "models/optimizers.py",
     "<stage>.momentum": "models/optimizers.py",
     "<stage>.eeta": "models/lars.py",
@@ -624,9 +694,12 @@ USED_BY: dict[str, str] = {
     "distill.": "models/tasks/distill.py, models/loss.py",
     "runtime.strategy": "models/strategy.py",
     "runtime.tpu_name": "models/strategy.py",
-    "runtime.mixed_precision": "models/strategy.py",
+    "runtime.mixed_precision": "models/precision.py (auto, resolved by the runners), "
+    "models/strategy.py",
+    "runtime.accelerator": "models/strategy.py, local_runner.py",
     "runtime.": "models/train_loop.py, models/driver.py",
     "eval.": "pipeline/pipeline.py (TFMA EvalConfig)",
+    "runner.enable_cache": "pipeline/pipeline.py (code digests), dataflow_runner.py",
     "runner.": "local_runner.py",
 }
 

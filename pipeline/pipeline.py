@@ -8,7 +8,9 @@ when blessed). Runners differ only in where components execute.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pathlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,12 +21,30 @@ from tfx import v1 as tfx
 from tfx.components import ImportExampleGen
 from tfx.dsl.components.base.base_component import BaseComponent
 
-from pipeline.configs import DATASET_CLASSES, SimCLRConfig, chance_floor, trainer_config
+from pipeline.configs import (
+    DATASET_CLASSES,
+    UNLABELED_TFRECORD_SPLITS,
+    SimCLRConfig,
+    chance_floor,
+    trainer_config,
+)
 from pipeline.image_example_gen.component import make_image_example_gen
-from pipeline.image_example_gen.executor import check_class_folders, discover_splits
+from pipeline.image_example_gen.executor import (
+    UNLABELED_SPLIT,
+    check_class_folders,
+    discover_splits,
+)
+from pipeline.tfrecord_example_gen import make_tfrecord_example_gen
 
 TRAINER_RUN_FN = "models.trainer.run_fn"
 PREPROCESSING_FN = "transform.preprocessing.preprocessing_fn"
+# The packages whose code each component runs by import path. TFX's cache key sees the import
+# path only, so the digest of that code goes into an execution property: an edited source file
+# re-runs the component (locally and on Vertex AI, whose cache keys on the same properties).
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+INGESTION_CODE = ("pipeline/image_example_gen",)
+TRANSFORM_CODE = ("transform",)
+TRAINER_CODE = ("models", "transform")
 TOP1 = "sparse_categorical_accuracy"
 TOP5 = "sparse_top_k_categorical_accuracy"
 _TFDS_FILE = re.compile(r"-(?P<split>[A-Za-z0-9_]+)\.tfrecord(-\d+-of-\d+)?$")
@@ -41,6 +61,45 @@ class DataLayout:
     eval_split: str
     # Classes in the data, when the layout tells without reading examples (None: unknown).
     num_classes: int | None = None
+    # The unlabeled pool, ingested as the split 'unlabeled': for folders the pool folder
+    # ('unlabeled' inside data_dir, or a full path); for TFRecords the source split's name.
+    unlabeled: str = ""
+
+    def stage_splits(self, stage: str) -> list[str]:
+        """The ExampleGen splits a Trainer stage trains on (its epochs count over them)."""
+        if stage == "finetune" or not self.unlabeled:
+            return [self.train_split]
+        return [self.train_split, UNLABELED_SPLIT]  # pretraining and distillation
+
+    def split_readers(self, config: SimCLRConfig) -> dict[str, list[str]]:
+        """Split -> the pipeline steps that read it, as summaries show it."""
+        stages = ["pretrain"] if config.train_mode == "pretrain" else []
+        stages.append("finetune")
+        if config.distill.distill:
+            stages.append("distill")
+        readers: dict[str, list[str]] = {}
+        for stage in stages:
+            for split in self.stage_splits(stage):
+                readers.setdefault(split, []).append(stage)
+        if config.train_mode == "pretrain" and config.pretrain.knn_every_epochs > 0:
+            readers.setdefault(self.train_split, []).append("kNN memory bank")
+            readers.setdefault(self.eval_split, []).append("kNN queries")
+        readers.setdefault(self.eval_split, []).append("Evaluator")
+        return readers
+
+
+def code_digest(packages: tuple[str, ...], root: pathlib.Path | None = None) -> str:
+    """sha256 over every `*.py` file under `packages` (recursively): names and contents."""
+    root = root or REPO_ROOT
+    digest = hashlib.sha256()
+    files = sorted(p for package in packages for p in (root / package).rglob("*.py"))
+    if not files:
+        raise ValueError(f"no Python sources under {[str(root / p) for p in packages]}")
+    for path in files:
+        name = path.relative_to(root).as_posix().encode()
+        content = path.read_bytes()
+        digest.update(b"%d:%s%d:" % (len(name), name, len(content)) + content)
+    return digest.hexdigest()
 
 
 def tfrecord_splits(data_dir: str) -> list[str]:
@@ -49,15 +108,49 @@ def tfrecord_splits(data_dir: str) -> list[str]:
     return sorted({m["split"] for n in names if (m := _TFDS_FILE.search(n))})
 
 
+def _first_label(data_dir: str, split: str) -> int | None:
+    """The integer `label` of a TFRecord split's first record (0 for a string label); None
+    when it has no such feature."""
+    files = sorted(tf.io.gfile.glob(os.path.join(data_dir, f"*-{split}.tfrecord*")))
+    for compression in ("", "GZIP"):
+        try:
+            for record in tf.data.TFRecordDataset(files[:1], compression).take(1):
+                feature = tf.train.Example.FromString(record.numpy()).features.feature
+                if "label" not in feature:
+                    return None
+                values = feature["label"].int64_list.value
+                return int(values[0]) if values else 0
+        except (tf.errors.DataLossError, tf.errors.InvalidArgumentError, ValueError):
+            continue
+    raise ValueError(f"--data_dir: the {split!r} TFRecord files in {data_dir} are unreadable")
+
+
+def _refuse_eval_only_labels(labeled: list[str], train_split: str, eval_split: str) -> None:
+    """Everything but the eval split unlabeled: nothing to fine-tune on that is not evaluated.
+
+    Refused before any component runs; other mistakes (a misspelt --train_split) fall through
+    to the split checks of `inspect_data`.
+    """
+    if not [s for s in labeled if s != eval_split]:
+        raise ValueError(
+            f"--train_split: the only labeled images are the eval split {eval_split!r} "
+            "(everything else is unlabeled); fine-tuning, the online probe and the kNN bank "
+            f"need a labeled train split {train_split!r} besides it"
+        )
+
+
 def inspect_data(
     data_dir: str,
     data_format: str,
     train_split: str,
     eval_split: str,
     drop_empty_class_folders: bool = False,
+    unlabeled_dir: str = "",
 ) -> DataLayout:
-    """Finds the format, splits and classes; a one-line ValueError naming the problem when they
-    don't fit (a missing split, a class folder without images), before any component runs."""
+    """Finds the format, splits, classes and unlabeled pool; a one-line ValueError naming the
+    problem when they don't fit (a missing split, a class folder without images, labels only
+    in the eval split), before any component runs."""
+    unlabeled = ""
     if data_format in ("auto", "tfrecord"):
         splits = tfrecord_splits(data_dir)
         if splits:
@@ -65,11 +158,50 @@ def inspect_data(
         elif data_format == "tfrecord":
             raise ValueError(f"--data_dir: no TFDS-style *-<split>.tfrecord* files in {data_dir}")
     num_classes = None
+    if data_format == "tfrecord":
+        if unlabeled_dir:
+            raise ValueError(
+                "--unlabeled_dir: takes a folder of images beside class folders; TFRecord data "
+                f"holds its unlabeled pool as a split {'/'.join(UNLABELED_TFRECORD_SPLITS)}"
+            )
+        pools = [s for s in splits if s in UNLABELED_TFRECORD_SPLITS]
+        if len(pools) > 1:
+            raise ValueError(f"--data_dir: more than one unlabeled split in {data_dir}: {pools}")
+        if pools:
+            unlabeled = pools[0]
+            splits = [s for s in splits if s != unlabeled]
     if data_format in ("auto", "folders"):
         data_format = "folders"
-        splits = discover_splits(data_dir)
+        pool_in_tree = tf.io.gfile.isdir(os.path.join(data_dir, UNLABELED_SPLIT))
+        if unlabeled_dir and pool_in_tree:
+            raise ValueError(
+                f"--unlabeled_dir: {data_dir} has an {UNLABELED_SPLIT}/ folder too; give one pool"
+            )
+        if unlabeled_dir and not tf.io.gfile.isdir(unlabeled_dir):
+            raise ValueError(f"--unlabeled_dir: no such directory: {unlabeled_dir}")
+        if unlabeled_dir:
+            unlabeled = unlabeled_dir if "://" in unlabeled_dir else os.path.abspath(unlabeled_dir)
+        elif pool_in_tree:
+            unlabeled = UNLABELED_SPLIT
+        try:
+            splits = discover_splits(data_dir)
+        except ValueError:
+            if not unlabeled:
+                raise
+            splits = []
     if not eval_split:
         eval_split = "test" if "test" in splits else "validation"
+    if unlabeled:
+        labeled = list(splits)
+        if data_format == "tfrecord" and train_split in labeled:
+            label = _first_label(data_dir, train_split)
+            if label is None or label < 0:
+                labeled.remove(train_split)  # records without a label are a pool too
+        _refuse_eval_only_labels(labeled, train_split, eval_split)
+        if train_split in splits and train_split not in labeled:
+            raise ValueError(
+                f"--train_split: split {train_split!r} has no labels (no label feature, or -1)"
+            )
     for flag, split in (("train_split", train_split), ("eval_split", eval_split)):
         if split not in splits:
             raise ValueError(f"--{flag}: split {split!r} not found in {data_dir} (found {splits})")
@@ -78,7 +210,9 @@ def inspect_data(
         num_classes = len(classes[train_split])
     else:
         num_classes = tfds_num_classes(data_dir)
-    return DataLayout(data_dir, data_format, tuple(splits), train_split, eval_split, num_classes)
+    return DataLayout(
+        data_dir, data_format, tuple(splits), train_split, eval_split, num_classes, unlabeled
+    )
 
 
 def tfds_num_classes(data_dir: str) -> int | None:
@@ -104,6 +238,38 @@ def min_top1(config: SimCLRConfig, num_classes: int | None) -> float:
             "give the top-1 floor explicitly"
         )
     return chance_floor(num_classes)
+
+
+class NewestArtifact(tfx.dsl.experimental.ResolverStrategy):
+    """The newest artifact (highest id) of each channel, or none.
+
+    LatestArtifactStrategy fails the resolver with a logged traceback when a channel is empty,
+    as it is on the first --warm_start run; here that run simply gets no base model.
+    """
+
+    def resolve_artifacts(self, store, input_dict):  # noqa: ARG002 - the strategy's signature
+        return {key: sorted(items, key=lambda a: a.id)[-1:] for key, items in input_dict.items()}
+
+
+def warm_start_source(uri: str | None) -> BaseComponent:
+    """Where --warm_start's pretrained model comes from.
+
+    Locally: the newest Model that the pretraining Trainer of this pipeline produced in an
+    earlier run (a channel filtered by producer; the latest-blessed resolver's unfiltered
+    channel would also see fine-tuned models). Killed executions leave no live Model, so a
+    killed warm-started run that is rerun resolves the same model and resumes. Vertex AI
+    compiles a resolver's query by type alone, so there the runner resolves a URI and it is
+    imported instead.
+    """
+    model = tfx.types.standard_artifacts.Model
+    if uri:
+        return tfx.dsl.Importer(source_uri=uri, artifact_type=model).with_id("warm_start_importer")
+    return tfx.dsl.Resolver(
+        strategy_class=NewestArtifact,
+        model=tfx.dsl.Channel(
+            type=model, producer_component_id="pretrain_trainer", output_key="model"
+        ),
+    ).with_id("warm_start_model_resolver")
 
 
 def eval_config(config: SimCLRConfig, top1_floor: float) -> tfma.EvalConfig:
@@ -164,6 +330,7 @@ def create_pipeline(
     beam_pipeline_args: list[str],
     trainer_factory: Callable[..., BaseComponent] | None = None,
     extra_pusher: Callable[..., BaseComponent] | None = None,
+    warm_start_model: str | None = None,
 ) -> tfx.dsl.Pipeline:
     """The pipeline; the optional factories let a runner choose where Trainers and pushes run.
 
@@ -171,6 +338,8 @@ def create_pipeline(
     component (default: that Trainer, run in-process); e.g. the Vertex AI Trainer extension.
     extra_pusher, if given, takes `model=` and `model_blessing=` and returns a second pusher
     (e.g. to a Vertex AI endpoint) that runs next to the filesystem Pusher.
+    warm_start_model, with --warm_start: the URI of the pretrained Model to start from, resolved
+    by the runner and imported; None resolves it in the pipeline (`warm_start_source`).
     """
     d = config.data
     if layout.data_format == "folders":
@@ -181,16 +350,27 @@ def create_pipeline(
             max_bad_fraction=d.max_bad_fraction,
             max_images_per_class=d.max_images_per_class or None,
             drop_empty_class_folders=d.drop_empty_class_folders,
+            unlabeled_dir=layout.unlabeled or None,
+            code_digest=code_digest(INGESTION_CODE),
         )
     else:
-        example_gen = ImportExampleGen(
-            input_base=layout.data_dir,
-            input_config=tfx.proto.Input(
-                splits=[
-                    tfx.proto.Input.Split(name=s, pattern=f"*-{s}.tfrecord*") for s in layout.splits
-                ]
-            ),
-        )
+        input_splits = [
+            tfx.proto.Input.Split(name=s, pattern=f"*-{s}.tfrecord*") for s in layout.splits
+        ]
+        input_config = tfx.proto.Input(splits=input_splits)
+        if layout.unlabeled:
+            # One name for the pool whatever the source calls it (STL-10: 'unlabelled'); its
+            # records without a label get -1 (the stock import where there is no pool).
+            input_config.splits.append(
+                tfx.proto.Input.Split(
+                    name=UNLABELED_SPLIT, pattern=f"*-{layout.unlabeled}.tfrecord*"
+                )
+            )
+            example_gen = make_tfrecord_example_gen(layout.data_dir, input_config)
+        else:
+            example_gen = ImportExampleGen(input_base=layout.data_dir, input_config=input_config)
+    # Statistics, schema and validation cover the unlabeled pool like any split: its records
+    # carry every feature (label -1, label_name ''), so one schema fits all splits.
     statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
     schema_gen = tfx.components.SchemaGen(
         statistics=statistics_gen.outputs["statistics"], infer_feature_shape=True
@@ -198,7 +378,11 @@ def create_pipeline(
     example_validator = tfx.components.ExampleValidator(
         statistics=statistics_gen.outputs["statistics"], schema=schema_gen.outputs["schema"]
     )
-    transform_config = {"image_size": d.stored_size, "image_format": d.image_format}
+    transform_config = {
+        "image_size": d.stored_size,
+        "image_format": d.image_format,
+        "code_digest": code_digest(TRANSFORM_CODE),
+    }
     if d.labels_file:
         transform_config["labels_file"] = d.labels_file  # read when Transform runs
     transform = tfx.components.Transform(
@@ -206,11 +390,16 @@ def create_pipeline(
         schema=schema_gen.outputs["schema"],
         preprocessing_fn=PREPROCESSING_FN,
         custom_config=transform_config,
+        # The label vocabulary comes from the labeled train split alone; the pool is
+        # transformed (decoded and stored) for the stages that read it.
         splits_config=tfx.proto.SplitsConfig(
             analyze=[layout.train_split],
-            transform=[layout.train_split, layout.eval_split],
+            transform=[layout.train_split, layout.eval_split]
+            + ([UNLABELED_SPLIT] if layout.unlabeled else []),
         ),
     )
+
+    trainer_code = code_digest(TRAINER_CODE)
 
     def trainer(stage: str, base_model=None) -> BaseComponent:
         return (trainer_factory or tfx.components.Trainer)(
@@ -219,20 +408,27 @@ def create_pipeline(
             transform_graph=transform.outputs["transform_graph"],
             schema=schema_gen.outputs["schema"],
             base_model=base_model,
-            train_args=tfx.proto.TrainArgs(splits=[layout.train_split]),
+            train_args=tfx.proto.TrainArgs(splits=layout.stage_splits(stage)),
             eval_args=tfx.proto.EvalArgs(splits=[layout.eval_split]),
-            # Only what the stage reads (its cache key), and where its checkpoints outlive a
-            # killed execution so that a rerun resumes.
+            # Only what the stage reads (its cache key), where its checkpoints outlive a killed
+            # execution so that a rerun resumes, and the digest of the code it runs (in both
+            # the cache key and the checkpoint key).
             custom_config={
                 "trainer": trainer_config(config, stage).to_json(),
                 "checkpoint_root": os.path.join(pipeline_root, "checkpoints"),
+                "code_digest": trainer_code,
             },
         ).with_id(f"{stage}_trainer")
 
     components = [example_gen, statistics_gen, schema_gen, example_validator, transform]
     base_model = None
     if config.train_mode == "pretrain":
-        pretrain = trainer("pretrain")
+        warm = warm_start_source(warm_start_model) if config.pretrain.warm_start else None
+        if warm is None:
+            pretrain = trainer("pretrain")
+        else:
+            components.append(warm)
+            pretrain = trainer("pretrain", warm.outputs["result" if warm_start_model else "model"])
         components.append(pretrain)
         base_model = pretrain.outputs["model"]
     elif config.finetune.checkpoint:

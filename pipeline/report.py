@@ -347,8 +347,14 @@ def read_split_stats(
                     f"{dataset.num_examples} examples with integer labels: not counted per "
                     f"class (a counting pass is limited to {MAX_EXAMPLES_TO_COUNT})"
                 )
+        if counts:
+            # The unlabeled pool's records carry label -1 and an empty label_name.
+            counts = {(UNLABELED_ROW if k in ("", "-1") else k): n for k, n in counts.items()}
         out[split] = SplitStats(int(dataset.num_examples), features, counts, note)
     return out
+
+
+UNLABELED_ROW = "(unlabeled)"
 
 
 def read_anomalies(anomalies_uri: str) -> dict[str, list[tuple[str, str]]]:
@@ -518,15 +524,23 @@ def _header(summary: summary_lib.RunSummary) -> list[str]:
         _card("top-5 accuracy", _fmt(summary.top5)),
         _card("eval examples", "n/a" if count is None else f"{count:.0f}"),
         _card("protocol", summary.protocol or "n/a"),
+        _card("precision", ", ".join(sorted(set(summary.precision.values()))) or "n/a"),
         _card("blessing", verdict, cls),
         _card("pushed", "yes" if summary.pushed else "no"),
     ]
     if summary.baseline_top1 is not None:
         cards.insert(2, _card("baseline top-1", _fmt(summary.baseline_top1)))
+    started = (
+        f'<div class="sub">pretraining started from (--warm_start) '
+        f"<code>{_e(summary.warm_start_from)}</code></div>"
+        if summary.warm_start_from
+        else ""
+    )
     return [
         "<h1>SimCLR pipeline run report</h1>",
         f'<div class="sub">run <code>{_e(summary.run_id)}</code> · '
         f"{len(summary.components)} components executed</div>",
+        started,
         f'<div class="cards">{"".join(cards)}</div>',
     ]
 
@@ -670,13 +684,24 @@ def _curves(summary: summary_lib.RunSummary, run_dir: str) -> list[str]:
 def _data(summary: summary_lib.RunSummary, ingestion: dict, names: Sequence[str]) -> list[str]:
     parts = ["<h2>Data</h2>"]
     splits = ingestion.get("splits", {})
+    readers = summary.split_readers
     if splits:
         rows = [
-            [s, v.get("folder", ""), v.get("total_files"), v.get("written"), v.get("skipped")]
+            [
+                s,
+                v.get("folder", ""),
+                v.get("total_files"),
+                v.get("written"),
+                v.get("skipped"),
+                v.get("labeled", ""),
+                v.get("unlabeled", ""),
+                ", ".join(readers.get(s, [])),
+            ]
             for s, v in sorted(splits.items())
         ]
         parts.append("<h3>Ingestion (image folders)</h3>")
-        parts.append(_table(["split", "folder", "files", "written", "skipped"], rows, (2, 3, 4)))
+        header = ["split", "folder", "files", "written", "skipped", "labeled", "unlabeled"]
+        parts.append(_table([*header, "read by"], rows, (2, 3, 4, 5, 6)))
         skipped = [
             [s, f.get("path", ""), f.get("reason", "")]
             for s, v in sorted(splits.items())
@@ -686,6 +711,10 @@ def _data(summary: summary_lib.RunSummary, ingestion: dict, names: Sequence[str]
         parts.append(
             _table(["split", "file", "reason"], skipped) if skipped else "<p>None skipped.</p>"
         )
+    elif readers:
+        rows = [[s, ", ".join(r)] for s, r in sorted(readers.items())]
+        parts.append("<h3>Which step read which split</h3>")
+        parts.append(_table(["split", "read by"], rows))
     if summary.statistics_uri:
         stats = read_split_stats(summary.statistics_uri, summary.examples_uri, names)
         order = {n: i for i, n in enumerate(names)}

@@ -45,8 +45,14 @@ class RunSummary:
     cached: list[str] = field(default_factory=list)
     # The protocol behind the evaluated model's accuracy (linear_eval, fine_tune, ...).
     protocol: str | None = None
+    # Each Trainer's compute dtype (--mixed_precision as resolved for it), by node name.
+    precision: dict[str, str] = field(default_factory=dict)
     # Each executed Trainer's phase seconds (its results.json), by node name.
     trainer_phases: dict[str, dict[str, float]] = field(default_factory=dict)
+    # The pretrained model a --warm_start pretraining started from (its results.json).
+    warm_start_from: str | None = None
+    # Split -> the Trainer stages and Evaluator of this run that read it (their exec properties).
+    split_readers: dict[str, list[str]] = field(default_factory=dict)
 
     def training_seconds(self) -> float:
         """Seconds spent in training steps: every Trainer's `train` phase (all steps but the
@@ -87,11 +93,21 @@ class RunSummary:
             )
         if self.cached:
             out.append("taken from the cache: " + ", ".join(self.cached))
+        if self.warm_start_from:
+            out.append(f"pretraining started from (--warm_start): {self.warm_start_from}")
+        if self.precision:
+            dtypes = ", ".join(f"{node} {dtype}" for node, dtype in self.precision.items())
+            out.append(f"precision: {dtypes}")
         for split, stats in sorted(self.ingestion.items()):
+            labels = ""
+            if "labeled" in stats:
+                labels = f" ({stats['labeled']} labeled, {stats['unlabeled']} unlabeled)"
             out.append(
-                f"ingested split '{split}': {stats.get('written', 0)} images, "
+                f"ingested split '{split}': {stats.get('written', 0)} images{labels}, "
                 f"{stats.get('skipped', 0)} skipped"
             )
+        for split, readers in sorted(self.split_readers.items()):
+            out.append(f"split '{split}' read by: {', '.join(readers)}")
         if self.top1 is not None:
             protocol = f" (protocol: {self.protocol})" if self.protocol else ""
             out.append(
@@ -129,19 +145,34 @@ def _prop(artifact: metadata_store_pb2.Artifact | metadata_store_pb2.Execution, 
     return None
 
 
-def _protocol(execution: metadata_store_pb2.Execution) -> str | None:
-    """The evaluation protocol of a Trainer execution, from its custom_config property."""
+def _trainer_config(execution: metadata_store_pb2.Execution) -> dict:
+    """A Trainer execution's TrainerConfig (its custom_config property); empty for others."""
     text = _prop(execution, "custom_config")
     if not text:
-        return None
+        return {}
     parsed = json.loads(text)
     if not isinstance(parsed, dict) or not isinstance(parsed.get("trainer"), str):
-        return None
-    trainer = json.loads(parsed["trainer"])
+        return {}
+    return json.loads(parsed["trainer"])
+
+
+def _protocol(trainer: dict) -> str | None:
+    """The evaluation protocol of a Trainer's configuration."""
     stage = trainer.get("stage")
     if stage == "finetune":
         return trainer.get("train", {}).get("finetune_protocol")
     return "distillation" if stage == "distill" else None
+
+
+def _splits_read(execution: metadata_store_pb2.Execution) -> list[str]:
+    """The splits a Trainer (train_args) or the Evaluator (example_splits) read."""
+    train_args = _prop(execution, "train_args")
+    if train_args:
+        return list(json.loads(train_args).get("splits", []))
+    example_splits = _prop(execution, "example_splits")
+    if example_splits:
+        return list(json.loads(example_splits) or [])
+    return []
 
 
 def latest_run(metadata_path: str) -> RunSummary:
@@ -165,9 +196,14 @@ def latest_run(metadata_path: str) -> RunSummary:
             summary.seconds[node_of[e.id]] = elapsed
             if e.last_known_state == metadata_store_pb2.Execution.CACHED:
                 summary.cached.append(node_of[e.id])
-            protocol = _protocol(e)
+            trainer = _trainer_config(e)
+            protocol = _protocol(trainer)
             if protocol:
                 summary.protocol = protocol  # the last Trainer's: the evaluated candidate
+            if trainer.get("runtime", {}).get("mixed_precision"):
+                summary.precision[node_of[e.id]] = trainer["runtime"]["mixed_precision"]
+            for split in _splits_read(e):
+                summary.split_readers.setdefault(split, []).append(node_of[e.id])
     artifact_types = {t.id: t.name for t in store.get_artifact_types()}
     events = store.get_events_by_execution_ids(list(run_execution_ids))
     outputs = [
@@ -190,6 +226,8 @@ def latest_run(metadata_path: str) -> RunSummary:
             summary.pushed_destination = _prop(a, "pushed_destination") or None
         elif kind == "ModelRun":
             summary.model_run_uris[stage] = a.uri
+            if stage == "pretrain":
+                summary.warm_start_from = read_results(a.uri).get("warm_start_from")
             phases = read_results(a.uri).get("seconds", {})
             if phases and producer not in summary.cached:
                 summary.trainer_phases[producer] = phases

@@ -1,11 +1,13 @@
 """`local_runner.py` run the way a user runs it, shared by the end-to-end tests.
 
-One scenario on one output folder with caching on, built once per test session:
+One scenario on one output folder with the default flags (caching on), built once per test
+session:
   A. a run killed with SIGKILL (whole process group) once pretraining has written checkpoints;
   B. the same command again: it must resume pretraining and finish, bless and push;
   C. B with only the gate changed (--min_top1=1.01): Evaluator/Pusher run, Trainers cached;
-  D. B with --temperature changed: pretraining runs again, from step 0.
-The report test reads run B's report; the e2e tests assert on all four.
+  D. B with --temperature changed: pretraining runs again, from step 0;
+  E. D with only reporting options changed: the Trainers run again but train no step.
+The report test reads run B's report; the e2e tests assert on all of them.
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ TINY = [
     "--finetune_train_steps=2",
     "--eval_batch_size=64",
     "--max_bad_fraction=0.05",
-    "--enable_cache",
 ]
 
 
@@ -98,6 +99,7 @@ class Scenario:
     killed_files: dict[str, str]  # sha256 of the newest checkpoint's files at the kill
     killed_output: str
     resumed: subprocess.CompletedProcess
+    pretrain_dir: pathlib.Path  # the checkpoint directory runs A and B trained in
 
 
 def kill_mid_pretraining(args: list[str], model_dir: pathlib.Path, log: pathlib.Path) -> str:
@@ -141,4 +143,4 @@ def build_scenario(cifar_dir: pathlib.Path, root: pathlib.Path) -> Scenario:
     }
     resumed = run_pipeline(args)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    return Scenario(data, out, args, killed_at, killed_files, killed_output, resumed)
+    return Scenario(data, out, args, killed_at, killed_files, killed_output, resumed, stage_dir)

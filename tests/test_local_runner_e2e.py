@@ -1,7 +1,8 @@
-"""End to end through `local_runner.py`, as a user runs it (LocalDagRunner, caching on).
+"""End to end through `local_runner.py`, as a user runs it (LocalDagRunner, default flags).
 
 The shared scenario (tests/pipeline_runs.py) kills a run mid-pretraining and runs the same
-command again; here its runs are checked for resuming, caching and gating. A second scenario
+command again, with no extra flag; here its runs are checked for resuming, caching, gating and
+what a changed option does to resuming. A second scenario
 trains supervised on TFDS-style TFRecords and shows that a degraded candidate is never pushed.
 """
 
@@ -13,6 +14,7 @@ import re
 import pytest
 import tensorflow as tf
 
+from models import precision
 from pipeline import summary as summary_lib
 from tests import pipeline_runs
 from tests.pipeline_runs import PRETRAIN_STEPS, run_pipeline
@@ -56,6 +58,15 @@ def temperature_changed(pipeline_scenario, gate_changed):
     return result, summary_lib.latest_run(str(pipeline_scenario.model_dir / "metadata.sqlite"))
 
 
+@pytest.fixture(scope="module")
+def reporting_changed(pipeline_scenario, temperature_changed):
+    """Run E: run D's command with options that change no trained model."""
+    args = pipeline_scenario.args + ["--temperature=0.2", "--log_every_steps=3"]
+    result = run_pipeline(args + ["--eval_batch_size=32", "--keep_checkpoint_max=3"])
+    assert result.returncode == 0
+    return result, summary_lib.latest_run(str(pipeline_scenario.model_dir / "metadata.sqlite"))
+
+
 @pytest.mark.e2e
 def test_killed_pretraining_resumes_from_its_last_checkpoint(pipeline_scenario, resumed):
     killed_at = pipeline_scenario.killed_at
@@ -64,6 +75,9 @@ def test_killed_pretraining_resumes_from_its_last_checkpoint(pipeline_scenario, 
     assert f"pretrain step {PRETRAIN_STEPS}/" not in pipeline_scenario.killed_output
     last = killed_at[-1]
     stdout = pipeline_scenario.resumed.stdout
+    # The README's command as it is: no caching flag, and the runner says caching is on.
+    assert not any("cache" in arg for arg in pipeline_scenario.args)
+    assert "cache: on (" in stdout
     [stage_dir] = pipeline_runs.stage_dirs(pipeline_scenario.model_dir, "pretrain")
     assert f"pretrain: resuming from {stage_dir / f'ckpt-{last}'} (step {last})" in stdout
     steps = _progress(stdout, "pretrain")
@@ -97,6 +111,11 @@ def test_killed_pretraining_resumes_from_its_last_checkpoint(pipeline_scenario, 
     assert (pathlib.Path(resumed.pushed_destination) / "saved_model.pb").exists()
     assert resumed.example_count == 10 * pipeline_runs.TEST_PER_CLASS
     assert f"(protocol: {resumed.protocol})" in stdout and resumed.protocol == "linear_eval"
+    # --mixed_precision=auto, decided for this machine, printed at the start and recorded per
+    # Trainer (bfloat16 on a CPU with AMX, float32 on others).
+    choice = precision.resolve("auto", "auto")
+    assert choice.line() in stdout
+    assert resumed.precision == {"pretrain_trainer": choice.dtype, "finetune_trainer": choice.dtype}
     # The closing time summary: training steps (both Trainers' train phases) and the rest.
     assert set(resumed.trainer_phases) == {"pretrain_trainer", "finetune_trainer"}
     timing = re.search(
@@ -137,12 +156,43 @@ def test_changing_the_temperature_retrains_from_scratch(
     assert UPSTREAM <= set(run.cached)
     assert "pretrain_trainer" not in run.cached and "finetune_trainer" not in run.cached
     # A new checkpoint directory: the old one (another configuration) is never restored.
-    assert len(pipeline_runs.stage_dirs(pipeline_scenario.model_dir, "pretrain")) == 2
     assert "pretrain: resuming" not in result.stdout
     steps = _progress(result.stdout, "pretrain")
     assert steps[0] == 5 and steps[-1] == PRETRAIN_STEPS, steps
     # An uninterrupted run ends at the same step count as the resumed one.
     assert _results(run, "pretrain")["total_steps"] == _results(resumed, "pretrain")["total_steps"]
+    # Once it finished, the directory of the earlier training (B's) was removed; the exported
+    # models of both runs remain as artifacts.
+    [kept] = pipeline_runs.stage_dirs(pipeline_scenario.model_dir, "pretrain")
+    assert kept != pipeline_scenario.pretrain_dir and not pipeline_scenario.pretrain_dir.exists()
+    earlier = pipeline_scenario.pretrain_dir.name
+    assert f"pretrain: removed checkpoints of earlier training ({earlier})" in result.stdout
+    assert pipeline_runs.checkpoints(kept)[-1] == PRETRAIN_STEPS
+    for summary in (resumed, run):
+        model_run = pathlib.Path(summary.model_run_uris["pretrain"])
+        model = model_run.parent.parent / "model" / model_run.name
+        assert any(model.rglob("saved_model.pb")), model
+
+
+@pytest.mark.e2e
+def test_changing_only_reporting_options_resumes_at_the_final_step(
+    pipeline_scenario, temperature_changed, reporting_changed
+):
+    """Log cadence, eval batch size and checkpoint retention are in the Trainer's execution
+    properties (it reads them) but not in its checkpoint key: it runs again, finds its final
+    checkpoint and trains no step."""
+    result, run = reporting_changed
+    _, trained = temperature_changed
+    assert UPSTREAM <= set(run.cached) and "pretrain_trainer" not in run.cached
+    [kept] = pipeline_runs.stage_dirs(pipeline_scenario.model_dir, "pretrain")
+    final = kept / f"ckpt-{PRETRAIN_STEPS}"
+    assert f"pretrain: resuming from {final} (step {PRETRAIN_STEPS})" in result.stdout
+    assert _progress(result.stdout, "pretrain") == []
+    assert _results(run, "pretrain")["total_steps"] == PRETRAIN_STEPS
+    # The same trained weights: the exported pretraining model equals run D's.
+    assert _results(run, "pretrain")["eval/label_top_1_accuracy"] == pytest.approx(
+        _results(trained, "pretrain")["eval/label_top_1_accuracy"]
+    )
 
 
 def write_tfds_style(root: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
@@ -186,8 +236,6 @@ def test_tfrecords_supervised_then_degraded_candidate_is_blocked(tmp_path):
         "--warmup_epochs=0",
         "--train_batch_size=32",
         "--log_every_steps=20",
-        # The second run changes only the Trainer: ingestion and Transform come from the cache.
-        "--enable_cache",
     ]
     first = run_pipeline(common + ["--train_steps=60", "--learning_rate=2.0"])
     assert first.returncode == 0
@@ -201,6 +249,8 @@ def test_tfrecords_supervised_then_degraded_candidate_is_blocked(tmp_path):
     pushed = sorted((out / "serving_model").iterdir())
     stamps = {p.name: p.stat().st_mtime_ns for p in pushed[-1].rglob("*")}
 
+    # The second run changes only the Trainer: ingestion and Transform come from the cache
+    # (on by default).
     degraded = run_pipeline(
         common + ["--train_steps=1", "--learning_rate=0", "--zero_init_logits_layer=True"]
     )
@@ -215,3 +265,13 @@ def test_tfrecords_supervised_then_degraded_candidate_is_blocked(tmp_path):
     assert "change vs. baseline" in degraded.stdout and ">= 0.2000" in degraded.stdout
     assert sorted((out / "serving_model").iterdir()) == pushed
     assert {p.name: p.stat().st_mtime_ns for p in pushed[-1].rglob("*")} == stamps
+
+
+@pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="a GPU is visible")
+def test_a_gpu_run_on_a_machine_without_one_stops_before_any_component(tmp_path):
+    out = tmp_path / "out"
+    result = run_pipeline(["--accelerator=gpu", f"--model_dir={out}"], timeout=300)
+    assert result.returncode == 2
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert line.startswith("error: --accelerator=gpu: expected a GPU, TensorFlow ")
+    assert "sees none" in line and not out.exists()

@@ -17,7 +17,7 @@ import tf_keras as keras
 
 from models import data as data_lib
 from models import knn
-from models.config import TrainerConfig
+from models.config import TrainerConfig, semi_supervised_epochs
 from models.model import SimCLRModel
 from models.optimizers import build_optimizer, weight_decay_loss
 from models.schedule import WarmUpAndCosineDecay, total_train_steps
@@ -55,8 +55,9 @@ class Task:
             image_size=config.input.image_size,
         )
         labels, keys = data_lib.read_labels_and_keys(inputs.train_files)
-        self.all_keys = keys
+        self.all_keys, self.all_labels = keys, labels
         self.shuffle_buffer = data_lib.shuffle_buffer_size(inputs.train_files, len(keys))
+        self.split_bytes = data_lib.split_bytes(inputs.train_files)
         self.labeled_keys = self._select_labeled(labels, keys)
         trained = self.training_keys()
         self.num_examples = len(keys if trained is None else trained)
@@ -64,17 +65,40 @@ class Task:
             raise ValueError(f"{config.stage}: the training split has no examples")
         self.batch_size = self._fit_batch(config.train.train_batch_size, num_replicas)
         t = config.train
+        self.train_epochs = t.train_epochs
+        if config.labels is not None and config.labels.recipe_epochs and not t.train_steps:
+            self.train_epochs = self._recipe_epochs(len(keys))
         self.total_steps = total_train_steps(
-            self.num_examples, self.batch_size, t.train_epochs, t.train_steps
+            self.num_examples, self.batch_size, self.train_epochs, t.train_steps
         )
         self.epoch_steps = data_lib.steps_per_epoch(self.num_examples, self.batch_size)
 
     # ----- data -----
+    def _recipe_epochs(self, train_split_size: int) -> int:
+        """The semi-supervised recipe's epochs for the labeled fraction actually read: labeled
+        examples this stage trains on over all examples pretraining read (the labeled train
+        split and the unlabeled pool), never a guess from a file name."""
+        pool = data_lib.pool_files_beside(self.inputs.train_files)
+        pretraining_read = train_split_size + (data_lib.count_records(pool) if pool else 0)
+        fraction = self.num_examples / max(1, pretraining_read)
+        epochs = semi_supervised_epochs(fraction)
+        print(
+            f"{self.config.stage}: {self.num_examples} labeled of the {pretraining_read} examples "
+            f"pretraining read ({fraction:.2%}): {epochs} epochs (semi-supervised recipe)",
+            flush=True,
+        )
+        return epochs
+
     def _select_labeled(self, labels: np.ndarray, keys: np.ndarray) -> np.ndarray | None:
-        """Keys of the labeled subset (label_subset / label_fraction), or None for all labels."""
+        """Keys of the labeled subset (label_subset / label_fraction), or None for all labels.
+
+        Chosen among the examples that have a label: the unlabeled pool's (-1) never count.
+        """
         sel, stage = self.config.labels, self.config.stage
         if sel is None:
             return None
+        keys = keys[labels >= 0]
+        labels = labels[labels >= 0]
         if sel.label_subset:
             chosen = data_lib.select_listed(keys, sel.label_subset)
             how = f"label_subset={sel.label_subset}"
@@ -92,6 +116,14 @@ class Task:
         """Keys of the examples this stage trains on; None for every example."""
         return None
 
+    def num_unlabeled(self) -> int:
+        """Examples this stage trains on without a label (-1: the unlabeled pool)."""
+        unlabeled = self.all_labels < 0
+        trained = self.training_keys()
+        if trained is None or not unlabeled.any():
+            return int(unlabeled.sum())
+        return int(np.isin(trained, self.all_keys[unlabeled]).sum())
+
     def _fit_batch(self, batch: int, num_replicas: int) -> int:
         """The configured batch, unless the training set is smaller: then the largest batch of
         whole replicas that fits, with a warning (an endless repeat would otherwise show every
@@ -106,10 +138,20 @@ class Task:
         )
         return fitted
 
+    def subset_fits_in_memory(self, count: int) -> bool:
+        """Whether `count` of the split's records are small enough to keep in memory (a 1% or
+        10% labeled subset of CIFAR-10: 1.3 / 13 MB), estimated from the split's file size."""
+        share = count / max(1, len(self.all_keys))
+        return self.split_bytes * share <= data_lib.FULL_SHUFFLE_BYTES
+
     def dataset(
         self, ctx: tf.distribute.InputContext, skip: int, *, contrastive: bool, **kwargs
     ) -> tf.data.Dataset:
         a = self.config.augment
+        keep = kwargs.get("keep_keys")
+        cache = self.config.input.cache_dataset or (
+            keep is not None and self.subset_fits_in_memory(len(keep))
+        )
         return data_lib.train_dataset(
             self.inputs.train_files,
             self.spec,
@@ -120,7 +162,7 @@ class Task:
             use_blur=a.use_blur,
             seed=self.config.runtime.seed + ctx.input_pipeline_id,
             skip_examples=skip // ctx.num_input_pipelines,
-            cache=self.config.input.cache_dataset,
+            cache=cache,
             shard=(ctx.num_input_pipelines, ctx.input_pipeline_id),
             shuffle_buffer=self.shuffle_buffer,
             **kwargs,
@@ -154,9 +196,12 @@ class Task:
     def announce(self, num_replicas: int) -> None:
         """One line of what will run, and a warning when a supervised stage barely trains."""
         stage = self.config.stage
+        unlabeled = self.num_unlabeled()
+        # Its first part is read back by tools (bench/gpu_cifar.sh): keep it stable.
         print(
             f"{stage}: {self.num_examples} examples, {self.inputs.num_classes} classes, batch "
-            f"{self.batch_size}, {self.total_steps} steps on {num_replicas} replica(s)",
+            f"{self.batch_size}, {self.total_steps} steps on {num_replicas} replica(s) "
+            f"({self.num_examples - unlabeled} labeled, {unlabeled} unlabeled)",
             flush=True,
         )
         if stage != "pretrain" and self.total_steps < FEW_STEPS:
@@ -183,7 +228,9 @@ class Task:
         summary = {
             "stage": self.config.stage,
             "total_steps": self.total_steps,
+            "train_epochs": self.train_epochs,
             "num_train_examples": self.num_examples,
+            "num_unlabeled_train_examples": self.num_unlabeled(),
         }
         with tf.io.gfile.GFile(path, "w") as f:
             json.dump({**summary, **metrics, "seconds": seconds}, f, indent=2)

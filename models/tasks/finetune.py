@@ -47,6 +47,8 @@ class FinetuneTask(Task):
     metric_names = METRIC_NAMES
 
     def training_keys(self) -> np.ndarray | None:
+        if self.labeled_keys is None and (self.all_labels < 0).any():
+            return self.all_keys[self.all_labels >= 0]  # never fine-tune on label -1
         return self.labeled_keys
 
     @property

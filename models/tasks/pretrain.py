@@ -7,12 +7,21 @@ from collections.abc import Callable
 import tensorflow as tf
 import tf_keras as keras
 
-from models import knn
-from models.config import PretrainConfig
-from models.loss import contrastive_metrics, nt_xent_loss, supervised_loss
+from models import data as data_lib
+from models import export, knn
+from models.config import PretrainConfig, TrainerConfig
+from models.loss import contrastive_metrics, nt_xent_loss, partially_labeled_loss
 from models.model import SimCLRModel
 from models.optimizers import weight_decay_loss
-from models.tasks.base import Task, apply_gradients, make_metrics, record, scale_loss
+from models.schedule import total_train_steps
+from models.tasks.base import (
+    StageInputs,
+    Task,
+    apply_gradients,
+    make_metrics,
+    record,
+    scale_loss,
+)
 
 METRIC_NAMES = (
     "total_loss",
@@ -41,7 +50,8 @@ def contrastive_step(
             con = nt_xent_loss(hidden, temperature=train.temperature, hidden_norm=train.hidden_norm)
             loss = con.loss
             if train.lineareval_while_pretraining:
-                sup_loss, sup_acc = supervised_loss(
+                # Only images with a label train the probe; the unlabeled pool's carry -1.
+                sup_loss, sup_acc = partially_labeled_loss(
                     tf.concat([labels, labels], 0), outputs["logits_sup"]
                 )
                 loss += sup_loss
@@ -64,7 +74,45 @@ def pretrain_metrics() -> dict[str, keras.metrics.Mean]:
 
 
 class PretrainTask(Task):
+    """With a base model (--warm_start resolved an earlier run's pretrained model) the encoder
+    starts from it, on a fresh schedule of `warm_start_epochs`; otherwise from scratch."""
+
     metric_names = METRIC_NAMES
+
+    def __init__(self, config: TrainerConfig, inputs: StageInputs, num_replicas: int = 1):
+        super().__init__(config, inputs, num_replicas)
+        t = config.train
+        if self.warm_started and t.warm_start_epochs:
+            self.train_epochs = t.warm_start_epochs
+            self.total_steps = total_train_steps(
+                self.num_examples, self.batch_size, self.train_epochs, 0
+            )
+
+    @property
+    def warm_started(self) -> bool:
+        return bool(self.inputs.base_model)
+
+    def initialize(self, model: SimCLRModel) -> None:
+        """Backbone and projection head (weights and batch-norm statistics) of the base model;
+        the online probe starts afresh, as its classes may have changed."""
+        if not self.warm_started:
+            if self.config.train.warm_start:
+                print("pretrain: --warm_start found no earlier pretrained model", flush=True)
+            return
+        export.restore_backbone(model, self.inputs.base_model)
+        t = self.config.train
+        epochs = (
+            "" if t.train_steps and not t.warm_start_epochs else f" ({self.train_epochs} epochs)"
+        )
+        print(
+            f"pretrain: warm start from {self.inputs.base_model}; a fresh schedule of "
+            f"{self.total_steps} steps{epochs}",
+            flush=True,
+        )
+
+    def write_results(self, path: str, metrics: dict[str, float], seconds: dict) -> None:
+        started = {"warm_start_from": self.inputs.base_model} if self.warm_started else {}
+        super().write_results(path, {**metrics, **started}, seconds)
 
     @property
     def evaluates(self) -> bool:  # the probe is the only supervised head pretraining has
@@ -92,7 +140,7 @@ class PretrainTask(Task):
             return None
         return knn.KnnMonitor(
             model,
-            self.inputs.train_files,
+            data_lib.labeled_split_files(self.inputs.train_files),  # the bank needs labels
             self.inputs.eval_files,
             self.spec,
             batch_size=self.config.runtime.eval_batch_size,
@@ -100,4 +148,5 @@ class PretrainTask(Task):
             every_steps=every * self.epoch_steps,
             checkpoint_every=checkpoint_every,
             total_steps=self.total_steps,
+            starts_trained=self.warm_started,
         )

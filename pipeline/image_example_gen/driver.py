@@ -33,7 +33,7 @@ from tfx.components.example_gen import driver as example_gen_driver
 from tfx.components.example_gen import input_processor, utils
 from tfx.proto import example_gen_pb2, range_config_pb2
 
-from pipeline.image_example_gen.executor import _split_dir
+from pipeline.image_example_gen.executor import _split_dir, is_pool_pattern
 
 # Class folders listed at once; GCS serves many concurrent listings of one bucket.
 LIST_WORKERS = 32
@@ -75,6 +75,19 @@ class LocalLister:
                 else:
                     stat = e.stat()  # Follows symlinks, as ingestion reads the target.
                     out.append(Entry(f"{class_name}/{e.name}", stat.st_size, str(stat.st_mtime_ns)))
+        return out
+
+    def pool_entries(self, pool_dir: str) -> list[Entry]:
+        """Every visible file below an unlabeled pool folder, at any depth."""
+        out = []
+        for folder, subfolders, files in os.walk(pool_dir, followlinks=True):
+            subfolders[:] = [d for d in subfolders if _visible(d)]
+            relative = os.path.relpath(folder, pool_dir)
+            for name in files:
+                if _visible(name):
+                    stat = os.stat(os.path.join(folder, name))
+                    path = name if relative == "." else f"{relative}/{name}"
+                    out.append(Entry(path, stat.st_size, str(stat.st_mtime_ns)))
         return out
 
 
@@ -124,6 +137,17 @@ class GcsLister:
                 out.append(Entry(f"{class_name}/{name}/", 0, ""))
         return out
 
+    def pool_entries(self, pool_dir: str) -> list[Entry]:
+        """Every object below an unlabeled pool prefix (no delimiter: one listing, any depth)."""
+        bucket, prefix = self._split(pool_dir)
+        blobs = self._client().list_blobs(bucket, prefix=prefix, fields=_GCS_FIELDS)
+        out = []
+        for blob in blobs:
+            name = blob.name[len(prefix) :]
+            if name and not name.endswith("/") and all(_visible(p) for p in name.split("/")):
+                out.append(Entry(name, int(blob.size or 0), str(blob.generation)))
+        return out
+
 
 class GfileLister:
     """Any other filesystem TensorFlow reads: list each folder, then stat its files in parallel
@@ -148,6 +172,19 @@ class GfileLister:
 
         return list(self._pool.map(entry, names))
 
+    def pool_entries(self, pool_dir: str) -> list[Entry]:
+        root = pool_dir.rstrip("/")
+        paths = []
+        for folder, subfolders, files in tf.io.gfile.walk(root):
+            subfolders[:] = [d for d in subfolders if _visible(d.rstrip("/"))]
+            paths += [posixpath.join(folder, n) for n in files if _visible(n)]
+
+        def entry(path: str) -> Entry:
+            stat = tf.io.gfile.stat(path)
+            return Entry(path[len(root) :].lstrip("/"), stat.length, str(stat.mtime_nsec))
+
+        return list(self._pool.map(entry, paths))
+
 
 def _default_gcs_client() -> Any:
     from google.cloud import storage
@@ -171,18 +208,23 @@ def split_fingerprint(
     *,
     gcs_client_factory: Callable[[], Any] | None = None,
     workers: int = LIST_WORKERS,
+    pool: bool = False,
 ) -> str:
     """`split:<name>,num_files:<n>,total_bytes:<b>,listing_sha256:<hex>` of one split folder.
 
     The digest covers every visible entry of every visible class folder (name, size, version),
-    sorted, so it does not depend on listing order or thread timing.
+    sorted, so it does not depend on listing order or thread timing. An unlabeled pool
+    (`pool=True`) covers every visible file below the folder, at any depth.
     """
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        lister = _lister_for(split_dir, pool, gcs_client_factory)
-        classes = sorted(lister.classes(split_dir))
-        with ThreadPoolExecutor(max_workers=workers) as class_pool:
-            listed = class_pool.map(lambda c: lister.entries(split_dir, c), classes)
-            entries = sorted((e for folder in listed for e in folder), key=lambda e: e.name)
+    with ThreadPoolExecutor(max_workers=workers) as threads:
+        lister = _lister_for(split_dir, threads, gcs_client_factory)
+        if pool:
+            entries = sorted(lister.pool_entries(split_dir), key=lambda e: e.name)
+        else:
+            classes = sorted(lister.classes(split_dir))
+            with ThreadPoolExecutor(max_workers=workers) as class_pool:
+                listed = class_pool.map(lambda c: lister.entries(split_dir, c), classes)
+                entries = sorted((e for folder in listed for e in folder), key=lambda e: e.name)
     digest = hashlib.sha256()
     for e in entries:
         digest.update(f"{e.name}\t{e.size}\t{e.version}\n".encode())
@@ -204,6 +246,7 @@ def input_fingerprint(
             split.name,
             _split_dir(input_base, split.pattern),  # validates '<split folder>/*/*'
             gcs_client_factory=gcs_client_factory,
+            pool=is_pool_pattern(split.pattern),
         )
         for split in splits
     )

@@ -1,5 +1,10 @@
 """ExampleGen executor for class-folder image trees: `<input_base>/<split>/<class>/<image file>`.
 
+An unlabeled pool (`<input_base>/unlabeled/`, or any folder given by its full path) is one more
+split, listed at any depth: its sub-folders are not classes, and every record carries label -1
+(no class) and an empty label_name, as TFDS stores STL-10's `unlabelled` split. Downstream
+components then see one schema for all splits; stages choose what they read by split and label.
+
 Each image becomes a tf.Example that carries the untouched encoded file bytes, so decoding and
 augmentation stay inside the Transform/Trainer graphs. Files that cannot serve as training images
 are skipped and listed in `image_report.json` next to the splits; a split with too many of them
@@ -12,7 +17,6 @@ import hashlib
 import io
 import json
 import posixpath
-import random
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,9 +32,14 @@ from tfx.proto import example_gen_pb2
 from tfx.types import artifact, artifact_utils, standard_component_specs
 from tfx.utils import proto_utils
 
+from models.config import UNLABELED_SPLIT
+
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".gif", ".bmp")
 REPORT_FILE = "image_report.json"
 SPLIT_PATTERN_SUFFIX = "/*/*"
+# The unlabeled pool: one split read recursively (`<folder>/**`), every record labeled -1.
+POOL_PATTERN_SUFFIX = "/**"
+UNLABELED_LABEL = -1
 
 # Formats tf.io.decode_image reads (MPO is a JPEG with extra frames from cameras).
 _DECODABLE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "BMP"})
@@ -42,7 +51,16 @@ _CLASS_IDS_KEY = "_image_class_ids"
 _CLASS_FOLDERS_KEY = "_image_class_folders"
 # Option (and flag) that drops class folders without image files instead of stopping.
 DROP_EMPTY_OPTION = "drop_empty_class_folders"
-_OPTION_NAMES = ("labels_file", "max_bad_fraction", "max_images_per_class", DROP_EMPTY_OPTION)
+# The digest of this package's code: read by no executor, it makes an edit of the ingestion
+# code part of the component's cache key (the executor is named by import path only).
+CODE_DIGEST_OPTION = "code_digest"
+_OPTION_NAMES = (
+    "labels_file",
+    "max_bad_fraction",
+    "max_images_per_class",
+    DROP_EMPTY_OPTION,
+    CODE_DIGEST_OPTION,
+)
 # Class folders are listed concurrently: one listing per class is slow on GCS (ImageNet: 2,000).
 _LISTING_THREADS = 32
 
@@ -73,6 +91,7 @@ def make_custom_config(
     max_bad_fraction: float = 0.01,
     max_images_per_class: int | None = None,
     drop_empty_class_folders: bool = False,
+    code_digest: str = "",
 ) -> example_gen_pb2.CustomConfig:
     """Packs the executor options as a Struct in the ExampleGen's CustomConfig proto.
 
@@ -89,6 +108,7 @@ def make_custom_config(
             "max_bad_fraction": options.max_bad_fraction,
             "max_images_per_class": options.max_images_per_class,
             DROP_EMPTY_OPTION: options.drop_empty_class_folders,
+            CODE_DIGEST_OPTION: code_digest,
         }
     )
     config = example_gen_pb2.CustomConfig()
@@ -137,10 +157,17 @@ def _subdirs(path: str) -> list[str]:
 
 
 def discover_splits(data_dir: str) -> list[str]:
-    """Sorted sub-folders of `data_dir` that hold class folders, e.g. ['test', 'train']."""
+    """Sorted sub-folders of `data_dir` that hold class folders, e.g. ['test', 'train'].
+
+    `unlabeled/` is never one of them: its sub-folders are not classes (see `pool_pattern`).
+    """
     if not tf.io.gfile.isdir(data_dir):
         raise ValueError(f"Image data folder {data_dir} does not exist")
-    splits = [name for name in _subdirs(data_dir) if _subdirs(posixpath.join(data_dir, name))]
+    splits = [
+        name
+        for name in _subdirs(data_dir)
+        if name != UNLABELED_SPLIT and _subdirs(posixpath.join(data_dir, name))
+    ]
     if not splits:
         raise ValueError(
             f"No split folders with class sub-folders (<split>/<class>/<image>) in {data_dir}"
@@ -148,13 +175,26 @@ def discover_splits(data_dir: str) -> list[str]:
     return splits
 
 
+def pool_pattern(folder: str) -> str:
+    """The input split pattern of an unlabeled pool: relative to input_base, or a full path
+    (`/data/photos`, `gs://bucket/photos`) for a pool kept elsewhere."""
+    return folder.rstrip("/") + POOL_PATTERN_SUFFIX
+
+
+def is_pool_pattern(split_pattern: str) -> bool:
+    return split_pattern.endswith(POOL_PATTERN_SUFFIX)
+
+
 def _split_dir(input_base: str, split_pattern: str) -> str:
-    folder = split_pattern[: -len(SPLIT_PATTERN_SUFFIX)]
-    if not split_pattern.endswith(SPLIT_PATTERN_SUFFIX) or not folder or "*" in folder:
+    suffix = POOL_PATTERN_SUFFIX if is_pool_pattern(split_pattern) else SPLIT_PATTERN_SUFFIX
+    folder = split_pattern[: -len(suffix)]
+    if not split_pattern.endswith(suffix) or not folder or "*" in folder:
         raise ValueError(
-            f"Image split pattern must be '<split folder>{SPLIT_PATTERN_SUFFIX}', got "
-            f"{split_pattern!r}"
+            f"Image split pattern must be '<split folder>{SPLIT_PATTERN_SUFFIX}' or "
+            f"'<unlabeled folder>{POOL_PATTERN_SUFFIX}', got {split_pattern!r}"
         )
+    if "://" in folder or folder.startswith("/"):
+        return folder
     return posixpath.join(input_base, folder)
 
 
@@ -272,29 +312,80 @@ def _class_ids(
 
 def _list_class_files(
     class_entry: tuple[str, str], max_images_per_class: int | None
-) -> Iterator[tuple[str, str]]:
-    """(class name, file path) for the non-hidden files of one class folder, in name order."""
+) -> Iterator[tuple[str, str, str]]:
+    """(class name, file path, relative path) for the non-hidden files of one class folder, in
+    name order."""
     class_name, class_dir = class_entry
     names = sorted(n for n in tf.io.gfile.listdir(class_dir) if not _is_hidden(n))
     for name in names[:max_images_per_class]:
-        yield class_name, posixpath.join(class_dir, name.rstrip("/"))
+        name = name.rstrip("/")
+        yield class_name, posixpath.join(class_dir, name), f"{class_name}/{name}"
+
+
+def _list_pool_files(pool_dir: str) -> Iterator[tuple[str, str, str]]:
+    """('', file path, path relative to the pool) for every non-hidden file below `pool_dir`,
+    at any depth (hidden folders are not entered). The class name '' marks no class."""
+    root = pool_dir.rstrip("/")
+    for folder, subfolders, files in tf.io.gfile.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if not _is_hidden(d.rstrip("/")))
+        relative_folder = folder.rstrip("/")[len(root) :].lstrip("/")
+        for name in sorted(files):
+            if _is_hidden(name):
+                continue
+            relative = posixpath.join(relative_folder, name) if relative_folder else name
+            yield "", posixpath.join(folder, name), relative
 
 
 # Fixed, so the same tree is always written in the same order (reproducible training streams).
 ORDER_SEED = 20200213
 
 
-def _seeded_order(entries: list[tuple[str, str]]) -> Iterator[tuple[str, str]]:
-    """Every (class, path) of a split in one seeded random order.
+# At most about this many file entries (~1 MB of paths) travel in one element: a split's listing
+# is never gathered into one element, whatever its size (ImageNet's train split: 1.28 M paths).
+SHARD_FILES = 10_000
+
+
+def _order_key(entry: tuple[str, str, str]) -> bytes:
+    """A file's place in the seeded order: a hash of the seed and its relative path."""
+    return hashlib.sha256(f"{ORDER_SEED}:{entry[2]}".encode()).digest()[:8]
+
+
+def _to_shard(
+    entry: tuple[str, str, str], total: int, shard_files: int
+) -> tuple[int, tuple[bytes, tuple[str, str, str]]]:
+    shards = max(1, -(-total // shard_files))
+    key = _order_key(entry)
+    return int.from_bytes(key, "big") % shards, (key, entry)
+
+
+def _in_seeded_order(
+    shard: tuple[int, Iterable[tuple[bytes, tuple[str, str, str]]]],
+) -> Iterator[tuple[str, str, str]]:
+    for _, entry in sorted(shard[1]):
+        yield entry
+
+
+@beam.ptransform_fn
+def SeededShards(  # noqa: N802 - a PTransform, named as Beam's are
+    files: beam.pvalue.PCollection, shard_files: int = SHARD_FILES
+) -> beam.pvalue.PCollection:
+    """Every (class, path, relative path) of a split, in a seeded random order within shards of
+    about `shard_files` entries.
 
     Listing yields one class folder after another. Written in that order, the records reach the
     Trainer sorted by class, and a shuffle window smaller than the split then gives batches of
-    two or three classes. Order is kept by the local runner's writes, so mixing it here mixes
-    the files; on Dataflow the shards mix it further.
+    two or three classes. Each file goes to shard hash(seed, path) mod ceil(files / shard_files)
+    and each shard is sorted by that hash, so no element ever holds the whole listing; a split
+    of at most `shard_files` files is one shard in one seeded order. Order is kept by the local
+    runner's writes, so mixing it here mixes the files; on Dataflow the shards mix it further.
     """
-    ordered = sorted(entries)
-    random.Random(ORDER_SEED).shuffle(ordered)
-    yield from ordered
+    total = files | "CountFiles" >> beam.combiners.Count.Globally()
+    return (
+        files
+        | "ToShard" >> beam.Map(_to_shard, beam.pvalue.AsSingleton(total), shard_files)
+        | "GroupShards" >> beam.GroupByKey()
+        | "SeededOrder" >> beam.FlatMap(_in_seeded_order)
+    )
 
 
 def _one_line(error: BaseException) -> str:
@@ -325,11 +416,14 @@ def _bytes_feature(value: bytes) -> tf.train.Feature:
 
 
 def _to_example(
-    entry: tuple[str, str], class_ids: dict[str, int]
+    entry: tuple[str, str, str], class_ids: dict[str, int]
 ) -> Iterator[tf.train.Example | beam.pvalue.TaggedOutput]:
-    """Reads and checks one file: yields its tf.Example, or a skip record on the side output."""
-    class_name, path = entry
-    relative_path = f"{class_name}/{posixpath.basename(path)}"
+    """Reads and checks one file: yields its tf.Example, or a skip record on the side output.
+
+    A file of the unlabeled pool (class name '') gets label -1 and an empty label_name.
+    """
+    class_name, path, relative_path = entry
+    label = class_ids[class_name] if class_name else UNLABELED_LABEL
 
     def skip(reason: str) -> beam.pvalue.TaggedOutput:
         return beam.pvalue.TaggedOutput(_SKIPPED_TAG, {"path": relative_path, "reason": reason})
@@ -354,9 +448,7 @@ def _to_example(
         features=tf.train.Features(
             feature={
                 "image": _bytes_feature(data),
-                "label": tf.train.Feature(
-                    int64_list=tf.train.Int64List(value=[class_ids[class_name]])
-                ),
+                "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
                 "label_name": _bytes_feature(class_name.encode()),
                 "filename": _bytes_feature(relative_path.encode()),
             }
@@ -372,24 +464,33 @@ def _ImageFolderToExample(
 ) -> beam.pvalue.PCollection:
     """One split's image files as tf.Examples; skips and counts go to interim files.
 
-    Class folders are listed in parallel, the files put in one seeded random order (see
-    `_seeded_order`) and reshuffled before reading, so a tree with a million files spreads over
-    workers instead of being read by one.
+    Class folders are listed in parallel, the files put in a seeded random order in shards of
+    bounded size (see `SeededShards`) and reshuffled before reading, so a tree with a million
+    files spreads over workers instead of being listed into, and read from, one element.
     """
     options = _parse_options(exec_properties.get(standard_component_specs.CUSTOM_CONFIG_KEY))
     class_ids = json.loads(exec_properties[_CLASS_IDS_KEY])
     split_dir = _split_dir(exec_properties[standard_component_specs.INPUT_BASE_KEY], split_pattern)
     out_dir = posixpath.join(exec_properties[_TMP_DIR_KEY], _split_key(split_pattern))
-    # The folders `Do` checked: left-out empty ones are not listed again.
-    class_names = json.loads(exec_properties[_CLASS_FOLDERS_KEY])[split_pattern]
-    class_entries = [(name, posixpath.join(split_dir, name)) for name in class_names]
+    if is_pool_pattern(split_pattern):
+        files = (
+            pipeline
+            | "ListPool" >> beam.Create([split_dir])
+            | "ListFiles" >> beam.FlatMap(_list_pool_files)
+        )
+    else:
+        # The folders `Do` checked: left-out empty ones are not listed again.
+        class_names = json.loads(exec_properties[_CLASS_FOLDERS_KEY])[split_pattern]
+        class_entries = [(name, posixpath.join(split_dir, name)) for name in class_names]
+        files = (
+            pipeline
+            | "ListClassFolders" >> beam.Create(class_entries)
+            | "ListFiles" >> beam.FlatMap(_list_class_files, options.max_images_per_class)
+        )
 
     results = (
-        pipeline
-        | "ListClassFolders" >> beam.Create(class_entries)
-        | "ListFiles" >> beam.FlatMap(_list_class_files, options.max_images_per_class)
-        | "AllFiles" >> beam.combiners.ToList()
-        | "SeededOrder" >> beam.FlatMap(_seeded_order)
+        files
+        | "SeededShards" >> SeededShards()
         | "Spread" >> beam.Reshuffle()
         | "ReadAndCheck"
         >> beam.FlatMap(_to_example, class_ids)
@@ -439,8 +540,10 @@ class ImageFolderExecutor(BaseExampleGenExecutor):
         input_base = exec_properties[standard_component_specs.INPUT_BASE_KEY]
         split_dirs = {s.name: _split_dir(input_base, s.pattern) for s in input_config.splits}
         _check_split_dirs(split_dirs)
-        folders = _class_folders(split_dirs, options.drop_empty_class_folders)
-        class_ids = _class_ids(split_dirs, folders, options.labels_file)
+        pools = {s.name for s in input_config.splits if is_pool_pattern(s.pattern)}
+        labeled_dirs = {name: path for name, path in split_dirs.items() if name not in pools}
+        folders = _class_folders(labeled_dirs, options.drop_empty_class_folders)
+        class_ids = _class_ids(labeled_dirs, folders, options.labels_file)
 
         examples_uri = artifact_utils.get_single_uri(
             output_dict[standard_component_specs.EXAMPLES_KEY]
@@ -454,7 +557,7 @@ class ImageFolderExecutor(BaseExampleGenExecutor):
                 _TMP_DIR_KEY: tmp_dir,
                 _CLASS_IDS_KEY: json.dumps(class_ids),
                 _CLASS_FOLDERS_KEY: json.dumps(
-                    {s.pattern: folders[s.name] for s in input_config.splits}
+                    {s.pattern: folders[s.name] for s in input_config.splits if s.name in folders}
                 ),
             },
         )
@@ -471,11 +574,15 @@ class ImageFolderExecutor(BaseExampleGenExecutor):
                 key=lambda record: record["path"],
             )
             written = sum(int(line) for line in _read_lines(f"{split_tmp}/written*"))
+            labeled = split.name not in pools
             report["splits"][split.name] = {
                 "folder": split_dirs[split.name],
                 "total_files": written + len(skipped),
                 "written": written,
                 "skipped": len(skipped),
+                # Every record of a class-folder split has a label, none of the pool's.
+                "labeled": written if labeled else 0,
+                "unlabeled": 0 if labeled else written,
                 "skipped_files": skipped,
             }
         report_path = posixpath.join(examples_uri, REPORT_FILE)

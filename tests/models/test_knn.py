@@ -342,3 +342,25 @@ def test_trainer_logs_knn_every_epoch_and_the_floors_once(
     resumed = json.loads((pathlib.Path(rerun["model_run_dir"]) / "results.json").read_text())
     assert {tag: resumed[tag] for tag in floor_tags} == saved
     assert knn.METRIC in resumed
+
+
+def test_a_warm_started_encoder_logs_where_it_starts_not_a_random_init_floor(
+    transformed, tmp_path, monkeypatch
+):
+    from models.model import SimCLRModel
+
+    config = fixtures.tiny_config(pathlib.Path("."))
+    model = SimCLRModel(config.model, 10, fixtures.IMAGE_SIZE, pretraining=True)
+    model.build_for()
+    monitor = _tiny_monitor(model, transformed)
+    monitor.starts_trained = True
+    monkeypatch.setattr(monitor, "accuracy", lambda: 0.75)
+    monkeypatch.setattr(monitor, "raw_pixel_accuracy", lambda: 0.25)
+    logged = monitor.floors(0, save_dir=str(tmp_path))
+    assert logged == {knn.METRIC: 0.75, knn.RAW_PIXELS_METRIC: 0.25}
+    # Only the raw-pixel floor is a floor: saved for a resumed run, never overwriting later kNN.
+    assert json.loads((tmp_path / knn.FLOORS_FILE).read_text()) == {knn.RAW_PIXELS_METRIC: 0.25}
+    monkeypatch.setattr(monitor, "accuracy", lambda: 0.8)
+    monkeypatch.setattr(knn, "knn_due", lambda *args: True)
+    assert monitor(2) == {knn.METRIC: 0.8}
+    assert monitor.last == {knn.METRIC: 0.8, knn.RAW_PIXELS_METRIC: 0.25}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
+import tf_keras as keras
 
 from models.config import ModelConfig
 from models.model import ENDPOINTS, SimCLRModel
@@ -131,3 +132,43 @@ def test_zero_init_logits_layer_gives_zero_logits():
     random = SimCLRModel(_config(), NUM_CLASSES, 32, pretraining=False)
     np.testing.assert_array_equal(zero(images)["logits_sup"], np.zeros([4, NUM_CLASSES]))
     assert float(tf.reduce_max(tf.abs(random(images)["logits_sup"]))) > 0.0
+
+
+def test_imported_head_layers_follow_the_selector(tmp_path):
+    """From a released-format SavedModel the layers below the selected output start pretrained;
+    -1 (the head's output, as the reference reads `hiddens_list[-1]`) copies every layer."""
+    from models.model import import_projection_head
+
+    # A float32 model whatever policy an earlier test in this process left behind.
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        _check_imported_head_layers(import_projection_head, tmp_path)
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+
+
+def _check_imported_head_layers(import_projection_head, tmp_path) -> None:
+    source = SimCLRModel(_config(), NUM_CLASSES, 32, pretraining=True)
+    source.build_for()
+    for variable in source.projection_head.weights:
+        variable.assign(tf.random.normal(variable.shape, seed=len(variable.name)))
+    module = tf.Module()
+    module.model = source
+    tf.saved_model.save(module, str(tmp_path))
+    for selector, copied in ((1, 1), (-1, 3)):
+        target = SimCLRModel(_config(ft_proj_selector=selector), NUM_CLASSES, 32, pretraining=False)
+        target.build_for()
+        assert import_projection_head(target.projection_head, str(tmp_path), selector) == copied
+        for i in range(3):
+            prefix = f"projection_head/layer_{i}/"
+            pairs = [
+                (s.numpy(), t.numpy())
+                for s, t in zip(
+                    source.projection_head.weights, target.projection_head.weights, strict=True
+                )
+                if prefix in s.name
+            ]
+            assert pairs
+            equal = [np.array_equal(s, t) for s, t in pairs]
+            assert all(equal) if i < copied else not any(equal), (selector, i, equal)

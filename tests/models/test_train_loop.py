@@ -289,3 +289,23 @@ def test_evaluate_rejects_an_empty_split():
     ).batch(4)
     with pytest.raises(ValueError, match="empty"):
         train_loop.evaluate(_KnownLogits(), empty)
+
+
+def test_a_checkpoint_of_another_model_is_refused_not_restored_in_part(tmp_path):
+    """A network with squeeze-excitation shares every other variable with the checkpoint;
+    restoring those and leaving the new ones initialized would be a silent partial restore.
+    One with a deeper head fails on shapes; both end in one line."""
+    keras.utils.set_random_seed(0)
+    saved = _model(seed=0)
+    path = tf.train.Checkpoint(model=saved).save(str(tmp_path / "ckpt"))
+    base = dict(resnet_depth=18, width_multiplier=0.125, proj_out_dim=16, global_bn=False)
+    for change in ({"se_ratio": 0.25}, {"num_proj_layers": 4}):
+        other = SimCLRModel(ModelConfig(**base, **change), 10, 32, pretraining=True)
+        other.build_for()
+        with pytest.raises(ValueError, match=r"^pretrain: checkpoint .* does not match") as e:
+            train_loop.restore_whole(tf.train.Checkpoint(model=other), path, "pretrain")
+        assert "\n" not in str(e.value), change
+    same = _model(seed=1)
+    train_loop.restore_whole(tf.train.Checkpoint(model=same), path, "pretrain")
+    for got, want in zip(same.get_weights(), saved.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, want)

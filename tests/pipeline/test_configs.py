@@ -170,9 +170,14 @@ def test_label_fraction_defaults_to_semi_supervised_fine_tuning(tmp_path):
         assert f.learning_rate_scaling == "sqrt" and f.zero_init_logits_layer
         assert config.model.ft_proj_selector == 1
         assert f.train_epochs == epochs  # counted over the labeled subset
-    subset = tmp_path / "1percent.txt"
+    subset = tmp_path / "my_labels.txt"
     subset.write_text("a.jpg\n")
-    assert parse([f"--label_subset={subset}"]).finetune.train_epochs == 60
+    # A list's fraction is counted by the Trainer (tests/models/test_tasks.py), not guessed.
+    config = parse([f"--label_subset={subset}"])
+    assert config.recipe_epochs
+    assert configs.trainer_config(config, "finetune").labels.recipe_epochs
+    assert not configs.trainer_config(config, "distill").labels.recipe_epochs
+    assert not parse([f"--label_subset={subset}", "--finetune_train_epochs=7"]).recipe_epochs
 
 
 def test_explicit_flags_override_the_protocol_recipe():
@@ -204,9 +209,38 @@ def test_supervised_training_from_scratch_is_named_so():
 
 
 @pytest.mark.parametrize(
+    "argv",
+    [
+        ["--finetune_protocol=supervised"],
+        ["--train_mode=finetune", "--checkpoint=CKPT", "--finetune_protocol=supervised"],
+        ["--train_mode=finetune", "--finetune_protocol=linear_eval"],
+        ["--train_mode=finetune", "--finetune_protocol=fine_tune"],
+    ],
+)
+def test_a_protocol_that_misnames_the_training_is_refused(argv, tmp_path, capsys):
+    """'supervised' means from scratch: after pretraining (or on an imported backbone) it would
+    run the reference's defaults on a pretrained backbone under that name; the other protocols
+    need a pretrained backbone."""
+    argv = [a.replace("CKPT", str(tmp_path)) for a in argv]
+    with pytest.raises(SystemExit):
+        parse(argv)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: --finetune_protocol: "), err
+    # What each of those users can run instead is accepted and named for what it trains.
+    assert parse(["--train_mode=finetune"]).finetune.finetune_protocol == "supervised"
+    imported = parse(["--train_mode=finetune", f"--checkpoint={tmp_path}"])
+    assert imported.finetune.finetune_protocol == "linear_eval"
+
+
+@pytest.mark.parametrize(
     "argv, flag",
     [
         (["--proj_head_mode=none", "--ft_proj_selector=1"], "--ft_proj_selector"),
+        (["--proj_head_mode=none", "--ft_proj_selector=-1"], "--ft_proj_selector"),
+        (["--num_proj_layers=2", "--ft_proj_selector=3"], "--ft_proj_selector"),
+        (["--ft_proj_selector=-2"], "--ft_proj_selector"),
+        (["--warm_start", "--warm_start_epochs=-1"], "--warm_start_epochs"),
+        (["--train_mode=finetune", "--warm_start"], "--warm_start"),
         (["--finetune_protocol=fine_tune", "--proj_head_mode=linear"], None),
         (["--distill", "--distill_train_batch_size=0"], "--distill_train_batch_size"),
         (["--distill", "--distill_learning_rate=-1"], "--distill_learning_rate"),
@@ -237,6 +271,13 @@ def test_imported_checkpoint_cannot_freeze_a_partial_backbone(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- per-stage config
+
+
+def test_caching_is_on_by_default_and_can_be_turned_off():
+    """The user's plain command reruns resume; both boolean spellings turn that off."""
+    assert parse([]).runner.enable_cache is True
+    assert parse(["--noenable_cache"]).runner.enable_cache is False
+    assert parse(["--enable_cache=false"]).runner.enable_cache is False
 
 
 def test_each_trainer_gets_only_what_it_reads():

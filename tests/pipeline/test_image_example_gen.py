@@ -73,25 +73,7 @@ def image_tree(tmp_path: pathlib.Path) -> pathlib.Path:
 
 
 def _run(data_dir: pathlib.Path, out_dir: pathlib.Path, splits: list[str], **options) -> str:
-    examples = standard_artifacts.Examples()
-    examples.uri = str(out_dir)
-    input_config = example_gen_pb2.Input(
-        splits=[example_gen_pb2.Input.Split(name=s, pattern=f"{s}/*/*") for s in splits]
-    )
-    exec_properties = {
-        standard_component_specs.INPUT_BASE_KEY: str(data_dir),
-        standard_component_specs.INPUT_CONFIG_KEY: proto_utils.proto_to_json(input_config),
-        standard_component_specs.OUTPUT_CONFIG_KEY: proto_utils.proto_to_json(
-            example_gen_pb2.Output()
-        ),
-        standard_component_specs.CUSTOM_CONFIG_KEY: proto_utils.proto_to_json(
-            make_custom_config(**options)
-        ),
-    }
-    ImageFolderExecutor().Do(
-        {}, {standard_component_specs.EXAMPLES_KEY: [examples]}, exec_properties
-    )
-    return examples.split_names
+    return _run_splits(data_dir, out_dir, [(s, f"{s}/*/*") for s in splits], **options)
 
 
 def _read_split(out_dir: pathlib.Path, split: str) -> dict[str, dict]:
@@ -272,7 +254,9 @@ def test_discover_splits(image_tree: pathlib.Path, tmp_path: pathlib.Path) -> No
 
 
 def test_make_image_example_gen(image_tree: pathlib.Path) -> None:
-    component = make_image_example_gen(str(image_tree), ["train"], max_images_per_class=7)
+    component = make_image_example_gen(
+        str(image_tree), ["train"], max_images_per_class=7, code_digest="abc"
+    )
     params = component.exec_properties
     assert params["input_base"] == str(image_tree)
     assert json.loads(params["input_config"]) == {
@@ -284,6 +268,7 @@ def test_make_image_example_gen(image_tree: pathlib.Path) -> None:
         "max_bad_fraction": 0.01,
         "max_images_per_class": 7,
         "drop_empty_class_folders": False,
+        "code_digest": "abc",
     }
     assert component.executor_spec.executor_class is ImageFolderExecutor
     with pytest.raises(ValueError, match="max_bad_fraction"):
@@ -322,3 +307,137 @@ def test_records_are_written_in_one_seeded_mixed_order(tmp_path: pathlib.Path) -
     # Runs of one class: 4 in listing order, about 24 expected for a random order of 32.
     runs = 1 + sum(a != b for a, b in zip(first[:-1], first[1:], strict=True))
     assert runs >= 14, first
+
+
+def test_a_large_listing_is_ordered_in_bounded_shards_never_in_one_element(
+    tmp_path: pathlib.Path,
+) -> None:
+    """1,000 files with shards of 64: 16 shards, none near the whole listing, each written as
+    one block in its seeded order; every file once; the same order on every run, and not the
+    listing's class-by-class order."""
+    import itertools
+
+    import apache_beam as beam
+
+    from pipeline.image_example_gen import executor
+
+    files = [(f"c{c}", f"/d/c{c}/{i}.jpg", f"c{c}/{i}.jpg") for c in range(10) for i in range(100)]
+
+    def run() -> list[tuple[str, str, str]]:
+        out = tmp_path / "order.json"
+        with beam.Pipeline() as p:
+            _ = (
+                p
+                | beam.Create(files)
+                | executor.SeededShards(shard_files=64)
+                | beam.combiners.ToList()  # only to read the order back in the test
+                | beam.Map(lambda entries: out.write_text(json.dumps(entries)))
+            )
+        return [tuple(e) for e in json.loads(out.read_text())]
+
+    first = run()
+    assert sorted(first) == sorted(files) and first != files
+    shard_of = [executor._to_shard(e, len(files), 64) for e in first]
+    blocks = [list(group) for _, group in itertools.groupby(shard_of, key=lambda s: s[0])]
+    assert len(blocks) == 16 == len({s[0] for s in shard_of})  # one block per shard
+    assert max(len(b) for b in blocks) < 3 * 64
+    for block in blocks:
+        keys = [key for _, (key, _) in block]
+        assert keys == sorted(keys)
+    within = [e for e in first if e[0] == "c0"]
+    assert within != sorted(within)  # mixed inside a class too
+    assert run() == first
+
+
+# ----- the unlabeled pool -----
+
+POOL_FILES = {
+    "top.png": _encode("RGB", "PNG", 20),
+    "phone/2024/deep.jpg": _encode("RGB", "JPEG", 21),
+    "cat/named_like_a_class.png": _encode("RGB", "PNG", 22),  # not a label
+}
+
+
+def _run_splits(
+    data_dir: pathlib.Path, out_dir: pathlib.Path, splits: list[tuple[str, str]], **options
+) -> str:
+    """Runs the executor on (split name, file pattern) pairs; returns the split names."""
+    examples = standard_artifacts.Examples()
+    examples.uri = str(out_dir)
+    input_config = example_gen_pb2.Input(
+        splits=[example_gen_pb2.Input.Split(name=n, pattern=p) for n, p in splits]
+    )
+    ImageFolderExecutor().Do(
+        {},
+        {standard_component_specs.EXAMPLES_KEY: [examples]},
+        {
+            standard_component_specs.INPUT_BASE_KEY: str(data_dir),
+            standard_component_specs.INPUT_CONFIG_KEY: proto_utils.proto_to_json(input_config),
+            standard_component_specs.OUTPUT_CONFIG_KEY: proto_utils.proto_to_json(
+                example_gen_pb2.Output()
+            ),
+            standard_component_specs.CUSTOM_CONFIG_KEY: proto_utils.proto_to_json(
+                make_custom_config(**options)
+            ),
+        },
+    )
+    return examples.split_names
+
+
+def _write(root: pathlib.Path, files: dict[str, bytes]) -> None:
+    for relative, data in files.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_bytes(data)
+
+
+@pytest.mark.parametrize("where", ["in_tree", "elsewhere"])
+def test_unlabeled_pool_at_any_depth_is_one_split_of_label_minus_one(
+    image_tree: pathlib.Path, tmp_path: pathlib.Path, where: str
+) -> None:
+    pool = image_tree / "unlabeled" if where == "in_tree" else tmp_path / "photos"
+    _write(pool, {**POOL_FILES, ".hidden/x.png": b"junk", "broken.jpg": b"not an image"})
+    pattern = "unlabeled/**" if where == "in_tree" else f"{pool}/**"
+    out = tmp_path / "out"
+    _run_splits(
+        image_tree,
+        out,
+        [("train", "train/*/*"), ("test", "test/*/*"), ("unlabeled", pattern)],
+        max_bad_fraction=0.5,
+    )
+    records = _read_split(out, "unlabeled")
+    assert sorted(records) == sorted(POOL_FILES)  # paths relative to the pool
+    for filename, record in records.items():
+        assert record["label"] == [-1] and record["label_name"] == ""
+        assert record["image"] == POOL_FILES[filename]
+    # Class ids come from the class-folder splits alone ('cat' in the pool changes nothing).
+    assert {r["label"][0] for r in _read_split(out, "train").values()} <= set(SORTED_IDS.values())
+    report = _report(out)
+    assert report["class_names"] == sorted(SORTED_IDS)
+    stats = report["splits"]["unlabeled"]
+    assert stats["folder"] == str(pool)
+    assert (stats["total_files"], stats["written"], stats["skipped"]) == (4, 3, 1)
+    assert (stats["labeled"], stats["unlabeled"]) == (0, 3)
+    assert stats["skipped_files"][0]["path"] == "broken.jpg"
+    assert (report["splits"]["train"]["labeled"], report["splits"]["train"]["unlabeled"]) == (6, 0)
+
+
+def test_unlabeled_pool_with_too_many_bad_files_stops(
+    image_tree: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    _write(image_tree / "unlabeled", {**POOL_FILES, "a/empty.png": b""})
+    out = tmp_path / "out"
+    with pytest.raises(ImageDataError, match=r"split 'unlabeled': 1 of 4 files skipped"):
+        _run_splits(image_tree, out, [("test", "test/*/*"), ("unlabeled", "unlabeled/**")])
+    assert _report(out)["splits"]["unlabeled"]["skipped_files"][0]["reason"] == "empty file"
+
+
+def test_unlabeled_folder_is_not_a_class_folder_split(image_tree: pathlib.Path) -> None:
+    _write(image_tree / "unlabeled", POOL_FILES)
+    assert discover_splits(str(image_tree)) == ["test", "train"]
+    component = make_image_example_gen(str(image_tree), ["train"], unlabeled_dir="unlabeled")
+    assert json.loads(component.exec_properties["input_config"])["splits"] == [
+        {"name": "train", "pattern": "train/*/*"},
+        {"name": "unlabeled", "pattern": "unlabeled/**"},
+    ]
+    with pytest.raises(ValueError, match="unlabeled pool"):
+        make_image_example_gen(str(image_tree), ["train", "unlabeled"])

@@ -61,12 +61,18 @@ class FakeGcs:
         self.root = root
         self.calls: list[tuple[str, str]] = []
 
-    def list_blobs(self, bucket: str, *, prefix: str, delimiter: str, fields: str) -> Pages:
-        assert (bucket, delimiter) == ("bucket", "/") and "size" in fields
+    def list_blobs(
+        self, bucket: str, *, prefix: str, fields: str, delimiter: str | None = None
+    ) -> Pages:
+        assert bucket == "bucket" and delimiter in ("/", None) and "size" in fields
         self.calls.append((bucket, prefix))
         folder = self.root / prefix
         pages = self.Pages()
         pages.prefixes = set()
+        if delimiter is None:  # no delimiter: every object below the prefix, at any depth
+            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+                pages.append(self.Blob(prefix + path.relative_to(folder).as_posix(), path))
+            return pages
         for child in sorted(folder.iterdir()):
             if child.is_dir():
                 pages.prefixes.add(f"{prefix}{child.name}/")
@@ -389,3 +395,46 @@ def test_gcs_lister_through_the_real_storage_client_over_pages():
         assert query["prefix"] == ["data/train/n01/"] and query["delimiter"] == ["/"]
         assert query["fields"] == ["items(name,size,generation),prefixes,nextPageToken"]
     assert lister.classes("gs://bucket/data/train") == ["nested"]
+
+
+def write_pool(root: pathlib.Path) -> pathlib.Path:
+    for relative, size in (("a.jpg", 3), ("x/y/b.jpg", 4), ("n01/c.jpg", 5)):
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_bytes(b"p" * size)
+    (root / ".cache").mkdir()
+    (root / ".cache" / "d.jpg").write_bytes(b"hidden folder: not ingested")
+    return root
+
+
+@pytest.mark.parametrize("where", ["in_tree", "elsewhere", "gcs", "ram"])
+def test_unlabeled_pool_fingerprint_covers_every_depth(tmp_path, where):
+    root = write_tree(tmp_path / "data")
+    pool = write_pool(root / "unlabeled" if where != "elsewhere" else tmp_path / "photos")
+    base, pattern, factory = str(root), "unlabeled/**", None
+    if where == "elsewhere":
+        pattern = f"{pool}/**"
+    elif where == "gcs":
+        gcs = FakeGcs(tmp_path)
+        base, factory = "gs://bucket/data", lambda: gcs
+    elif where == "ram":
+        for path in pool.rglob("*"):
+            if path.is_file():
+                target = f"ram://pool/{path.relative_to(pool).as_posix()}"
+                tf.io.gfile.makedirs(os.path.dirname(target))
+                with tf.io.gfile.GFile(target, "wb") as f:
+                    f.write(path.read_bytes())
+        pattern = "ram://pool/**"
+    splits = [*splits_config(), example_gen_pb2.Input.Split(name="unlabeled", pattern=pattern)]
+
+    def fingerprint() -> str:
+        return driver.input_fingerprint(base, splits, gcs_client_factory=factory)
+
+    first = fingerprint()
+    pool_line = first.split("\n")[-1]
+    assert pool_line.startswith("split:unlabeled,num_files:3,total_bytes:12,")
+    if where == "ram":
+        return
+    (pool / "x" / "y" / "e.jpg").write_bytes(b"new deep file")
+    changed = fingerprint()
+    assert changed.split("\n")[-1] != pool_line
+    assert changed.split("\n")[:-1] == first.split("\n")[:-1]  # class-folder splits untouched

@@ -169,6 +169,16 @@ def test_knn_section_says_so_iff_pretraining_ended_below_raw_pixels(tmp_path, fi
         assert f"{margin}{final - 0.4222:+.4f} against the random-init backbone" in text
 
 
+def test_header_names_the_model_a_warm_started_pretraining_began_from():
+    from pipeline.summary import RunSummary
+
+    uri = "/out/pipeline/pretrain_trainer/model/7/Format-Serving"
+    page = _Page()
+    page.feed("".join(report._header(RunSummary(run_id="r", warm_start_from=uri))))
+    assert f"pretraining started from (--warm_start) {uri}" in " ".join("".join(page.text).split())
+    assert "--warm_start" not in "".join(report._header(RunSummary(run_id="r")))
+
+
 def test_knn_section_without_the_monitor(tmp_path):
     assert report.read_knn(_pretrain_run_dir(tmp_path, None)) is None
     assert report.read_knn(str(tmp_path / "model_run")) is None

@@ -40,3 +40,36 @@ def test_read_results_reads_a_stage_folder_and_tolerates_its_absence(tmp_path):
     assert read_results(None) == {} and read_results(str(tmp_path)) == {}
     (tmp_path / "results.json").write_text(json.dumps({"top1": 0.5, "seconds": {"train": 2.0}}))
     assert read_results(str(tmp_path)) == {"top1": 0.5, "seconds": {"train": 2.0}}
+
+
+def test_lines_show_labeled_and_unlabeled_images_and_who_read_each_split():
+    summary = RunSummary(run_id="r")
+    summary.ingestion = {
+        "train": {"written": 287, "skipped": 1, "labeled": 287, "unlabeled": 0},
+        "unlabeled": {"written": 1150, "skipped": 0, "labeled": 0, "unlabeled": 1150},
+    }
+    summary.split_readers = {
+        "train": ["pretrain_trainer", "finetune_trainer"],
+        "unlabeled": ["pretrain_trainer"],
+    }
+    lines = summary.lines()
+    assert "ingested split 'train': 287 images (287 labeled, 0 unlabeled), 1 skipped" in lines
+    assert "ingested split 'unlabeled': 1150 images (0 labeled, 1150 unlabeled), 0 skipped" in lines
+    assert "split 'train' read by: pretrain_trainer, finetune_trainer" in lines
+    assert "split 'unlabeled' read by: pretrain_trainer" in lines
+
+
+def test_lines_record_each_trainers_precision():
+    summary = RunSummary(run_id="r")
+    summary.precision = {"pretrain_trainer": "bfloat16", "finetune_trainer": "float32"}
+    assert "precision: pretrain_trainer bfloat16, finetune_trainer float32" in summary.lines()
+    assert not any(line.startswith("precision") for line in RunSummary(run_id="r").lines())
+
+
+def test_lines_say_which_model_a_warm_started_pretraining_began_from():
+    summary = RunSummary(run_id="r", warm_start_from="/out/pipeline/pretrain_trainer/model/7")
+    assert (
+        "pretraining started from (--warm_start): /out/pipeline/pretrain_trainer/model/7"
+        in summary.lines()
+    )
+    assert not any("--warm_start" in line for line in RunSummary(run_id="r").lines())

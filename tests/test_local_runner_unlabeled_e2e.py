@@ -1,0 +1,249 @@
+"""Unlabeled images end to end, as a user gives them.
+
+Through `local_runner.py`: the embedded digits with 80% of each training class moved into an
+unlabeled pool, once as `<data_dir>/unlabeled/` (at several depths, one sub-folder named like a
+class) and once through `--unlabeled_dir`. Every count is taken from the files on disk, and each
+Trainer's results.json must match it exactly: pretraining reads the labeled train split plus the
+pool, fine-tuning the labeled train split only (distillation's reads are checked where the
+pipeline is built, tests/pipeline/test_pipeline.py). The TFRecord route: a generated split in
+TFDS STL-10's layout (`unlabelled`, label -1 or none) through the pipeline's own ExampleGen,
+StatisticsGen, SchemaGen, ExampleValidator and Transform under TFX's LocalDagRunner.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import shutil
+
+import pytest
+
+from pipeline import summary as summary_lib
+from pipeline.report import read_anomalies
+from tests.pipeline_runs import run_pipeline
+
+UNLABELED_SHARE = 0.8
+PRETRAIN_BATCH = 64
+TINY = [
+    "--dataset=digits",
+    "--width_multiplier=0.125",
+    "--proj_out_dim=16",
+    f"--train_batch_size={PRETRAIN_BATCH}",
+    "--warmup_epochs=0",
+    "--finetune_train_batch_size=32",
+    "--finetune_train_steps=2",
+    "--log_every_steps=10",
+    "--min_top1=0",
+]
+
+
+def _images(folder: pathlib.Path) -> list[pathlib.Path]:
+    return sorted(p for p in folder.rglob("*.png"))
+
+
+def split_digits(root: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """The digits tree with 80% of every train class moved to `<root>/data/unlabeled/`: the
+    first half of the moved files straight in the pool, the rest two folders deep under a
+    folder named like a class (which must not become a label)."""
+    from pipeline.digits import write_digits_dataset
+
+    data = write_digits_dataset(root / "data")
+    (data / "DATASET.json").unlink()  # the tree no longer is the generated one
+    pool = data / "unlabeled"
+    for class_dir in sorted((data / "train").iterdir()):
+        files = sorted(class_dir.glob("*.png"))
+        moved = files[: int(round(UNLABELED_SHARE * len(files)))]
+        for i, image in enumerate(moved):
+            target = pool if i % 2 == 0 else pool / "3" / f"roll-{class_dir.name}"
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.move(image, target / image.name)
+    return data, pool
+
+
+def _results(summary: summary_lib.RunSummary, stage: str) -> dict:
+    return json.loads((pathlib.Path(summary.model_run_uris[stage]) / "results.json").read_text())
+
+
+def _progress(stdout: str, stage: str) -> list[int]:
+    return [int(s) for s in re.findall(rf"^{stage} step (\d+)/\d+ ", stdout, re.M)]
+
+
+@pytest.fixture(scope="module")
+def digits_pool(tmp_path_factory):
+    root = tmp_path_factory.mktemp("unlabeled")
+    data, pool = split_digits(root)
+    counts = {
+        "train": len(_images(data / "train")),
+        "test": len(_images(data / "test")),
+        "unlabeled": len(_images(pool)),
+    }
+    return root, data, pool, counts
+
+
+@pytest.mark.e2e
+def test_unlabeled_folder_in_the_data_dir(digits_pool):
+    root, data, _, counts = digits_pool
+    out = root / "out_in_tree"
+    result = run_pipeline([*TINY, f"--data_dir={data}", f"--model_dir={out}", "--train_epochs=1"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = summary_lib.latest_run(str(out / "metadata.sqlite"))
+    labeled, unlabeled = counts["train"], counts["unlabeled"]
+    assert unlabeled == pytest.approx(4 * labeled, rel=0.05)  # 80% of train moved
+
+    # Ingestion: the pool is its own split, every image in it unlabeled, none skipped.
+    assert run.ingestion["unlabeled"]["written"] == unlabeled
+    assert (run.ingestion["unlabeled"]["labeled"], run.ingestion["unlabeled"]["skipped"]) == (0, 0)
+    assert run.ingestion["train"]["labeled"] == labeled
+    line = f"ingested split 'unlabeled': {unlabeled} images (0 labeled, {unlabeled} unlabeled)"
+    assert line in result.stdout
+    # Statistics, schema and validation cover the pool, and accept it.
+    assert read_anomalies(run.anomalies_uri) == {"test": [], "train": [], "unlabeled": []}
+    # Pretraining: one epoch over labeled train + pool, with SimCLR's step count; every pool
+    # record is unlabeled (-1), the class-named sub-folder included.
+    pretrain = _results(run, "pretrain")
+    assert pretrain["num_train_examples"] == labeled + unlabeled
+    assert pretrain["num_unlabeled_train_examples"] == unlabeled
+    assert pretrain["total_steps"] == (labeled + unlabeled) // PRETRAIN_BATCH + 1
+    assert _progress(result.stdout, "pretrain")[-1] == pretrain["total_steps"]
+    # Fine-tuning reads the labeled train split only; the Evaluator the eval split only.
+    finetune = _results(run, "finetune")
+    assert finetune["num_train_examples"] == labeled
+    assert finetune["num_unlabeled_train_examples"] == 0
+    assert run.example_count == counts["test"]
+    assert run.split_readers == {
+        "train": ["pretrain_trainer", "finetune_trainer"],
+        "unlabeled": ["pretrain_trainer"],
+        "test": ["Evaluator"],
+    }
+    assert "split 'unlabeled' read by: pretrain_trainer" in result.stdout
+    # The auto protocol with a pool is semi-supervised fine-tuning.
+    assert run.protocol == "fine_tune"
+    # The HTML report shows the pool: its row in the per-class table and who read each split.
+    [report] = re.findall(r"^report: (.+)$", result.stdout, re.M)
+    html = pathlib.Path(report).read_text()
+    assert "(unlabeled)" in html and "read by" in html and "pretrain_trainer" in html
+
+
+@pytest.mark.e2e
+def test_unlabeled_dir_elsewhere(digits_pool):
+    root, data, pool, counts = digits_pool
+    labeled_only = root / "labeled_only"
+    labeled_only.mkdir()
+    for split in ("train", "test"):
+        (labeled_only / split).symlink_to(data / split)
+    out = root / "out_elsewhere"
+    args = [*TINY, f"--unlabeled_dir={pool}", f"--model_dir={out}", "--train_steps=3"]
+    result = run_pipeline([*args, f"--data_dir={labeled_only}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = summary_lib.latest_run(str(out / "metadata.sqlite"))
+    labeled, unlabeled = counts["train"], counts["unlabeled"]
+    assert run.ingestion["unlabeled"]["folder"] == str(pool)
+    assert run.ingestion["unlabeled"]["unlabeled"] == unlabeled
+    pretrain = _results(run, "pretrain")
+    assert (pretrain["num_train_examples"], pretrain["total_steps"]) == (labeled + unlabeled, 3)
+    assert pretrain["num_unlabeled_train_examples"] == unlabeled
+    assert _results(run, "finetune")["num_train_examples"] == labeled
+    assert run.split_readers["unlabeled"] == ["pretrain_trainer"]
+
+    # Labels in the eval split only: refused in one line before any component runs.
+    eval_only = root / "eval_only"
+    eval_only.mkdir()
+    (eval_only / "test").symlink_to(data / "test")
+    refused_out = root / "out_refused"
+    refused = run_pipeline([*args, f"--data_dir={eval_only}", f"--model_dir={refused_out}"])
+    assert refused.returncode == 2
+    [line] = [x for x in refused.stderr.splitlines() if x.startswith("error:")]
+    assert line.startswith("error: --train_split: the only labeled images are the eval split")
+    assert not (refused_out / "pipeline").exists()
+
+
+def _png(seed: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def write_stl10_layout(root: pathlib.Path, counts: dict[str, int]) -> pathlib.Path:
+    """TFDS STL-10's layout: `stl10-<split>.tfrecord-...` with `image` and `label`, the
+    `unlabelled` split's records labeled -1, or (every other one) with no label at all."""
+    import tensorflow as tf
+
+    root.mkdir(parents=True)
+    (root / "label.labels.txt").write_text("".join(f"c{i}\n" for i in range(10)))  # as TFDS
+    seed = 0
+    for split, count in counts.items():
+        with tf.io.TFRecordWriter(str(root / f"stl10-{split}.tfrecord-00000-of-00001")) as w:
+            for i in range(count):
+                seed += 1
+                label = -1 if split == "unlabelled" else i % 10
+                feature = {
+                    "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[_png(seed)])),
+                    "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+                }
+                if split == "unlabelled" and i % 2:
+                    del feature["label"]
+                w.write(
+                    tf.train.Example(
+                        features=tf.train.Features(feature=feature)
+                    ).SerializeToString()
+                )
+    return root
+
+
+@pytest.mark.e2e
+def test_stl10_layout_pool_through_statistics_schema_validation_and_transform(tmp_path):
+    """The TFRecord route: the pipeline's own ImportExampleGen → Transform, run by TFX."""
+    import tensorflow_transform as tft
+    from tfx import v1 as tfx
+
+    from models import data as data_lib
+    from pipeline import configs
+    from pipeline import pipeline as pipeline_lib
+    from transform import preprocessing as tp
+
+    counts = {"train": 20, "test": 10, "unlabelled": 30}
+    data = write_stl10_layout(tmp_path / "stl10", counts)
+    layout = pipeline_lib.inspect_data(str(data), "auto", "train", "")
+    config = configs.build_config({"dataset": "folder", "data_dir": str(data), "image_size": 32})
+    assert config.finetune.finetune_protocol == "fine_tune"  # a pool: semi-supervised
+    built = pipeline_lib.create_pipeline(
+        config,
+        layout,
+        pipeline_root=str(tmp_path / "root"),
+        metadata_path=str(tmp_path / "metadata.sqlite"),
+        push_dir=str(tmp_path / "push"),
+        beam_pipeline_args=["--direct_running_mode=in_memory"],
+    )
+    upstream = ("ImportExampleGen", "StatisticsGen", "SchemaGen", "ExampleValidator", "Transform")
+    kept = [c for c in built.components if c.id in upstream]
+    for component in kept:  # the Trainers and the Evaluator are not run here
+        for node in list(component.downstream_nodes):
+            if node.id not in upstream:
+                component.remove_downstream_node(node)
+    tfx.orchestration.LocalDagRunner().run(
+        tfx.dsl.Pipeline(
+            pipeline_name="stl10",
+            pipeline_root=str(tmp_path / "root"),
+            components=kept,
+            metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(
+                str(tmp_path / "metadata.sqlite")
+            ),
+        )
+    )
+    root = tmp_path / "root"
+    [anomalies] = (root / "ExampleValidator" / "anomalies").iterdir()
+    assert read_anomalies(str(anomalies)) == {"test": [], "train": [], "unlabeled": []}
+    [transformed] = (root / "Transform" / "transformed_examples").iterdir()
+    labels, _ = data_lib.read_labels_and_keys(str(transformed / "Split-unlabeled" / "*"))
+    assert labels.tolist() == [-1] * counts["unlabelled"]
+    [graph] = (root / "Transform" / "transform_graph").iterdir()
+    # The label vocabulary comes from the labeled train split: ten ids (named by number without
+    # --labels_file), no -1.
+    assert tp.read_label_names(tft.TFTransformOutput(str(graph))) == [str(i) for i in range(10)]
