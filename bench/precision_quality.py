@@ -33,9 +33,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         default=0.01,
         help="How far an arm may fall before it counts as a loss (top-1, absolute).",
     )
+    p.add_argument(
+        "--same_steps",
+        action="store_true",
+        help="Allow --step_seconds (both arms then train the same steps: a smoke test only).",
+    )
     args, rest = p.parse_known_args(argv)
     if any(f.startswith(("--mixed_precision", "--pipeline_dir")) for f in rest):
         p.error("--mixed_precision and --pipeline_dir are set by this script")
+    if any(f.startswith("--step_seconds") for f in rest) and not args.same_steps:
+        # The point is how many steps each precision fits into the same minutes.
+        p.error("--step_seconds gives both precisions the same steps; leave calibration on")
     return args, rest
 
 

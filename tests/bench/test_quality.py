@@ -444,3 +444,7 @@ def test_precision_comparison_judges_margin_and_every_trained_arm():
     assert "auto = bfloat16" in text and "| linear/simclr | 0.3700 | 0.3940 | -0.0240 |" in text
     with pytest.raises(SystemExit):
         precision_quality.parse_args(["--mixed_precision=float32"])
+    with pytest.raises(SystemExit):  # calibration decides the steps each precision fits
+        precision_quality.parse_args(["--step_seconds=pretrain=1,supervised=1,linear=1"])
+    args, rest = precision_quality.parse_args(["--same_steps", "--step_seconds=pretrain=1"])
+    assert args.same_steps and rest == ["--step_seconds=pretrain=1"]
