@@ -47,8 +47,8 @@ def _file_list(files: Sequence[str] | str) -> list[str]:
     return file_list
 
 
-def shuffle_buffer_size(files: Sequence[str] | str, num_records: int) -> int:
-    """Records the training shuffle holds.
+def shuffle_buffer_size(size_bytes: int, num_records: int) -> int:
+    """Records the training shuffle holds, for a split of `size_bytes` (`split_bytes`).
 
     A window smaller than the split only mixes neighbouring records, so a split stored in class
     order (one class folder after another, or hand-made TFRecords) would give batches of two or
@@ -56,7 +56,7 @@ def shuffle_buffer_size(files: Sequence[str] | str, num_records: int) -> int:
     come from the positive's own class. Small splits are therefore shuffled whole; large ones
     rely on the ingestion writing records in a seeded random order.
     """
-    if split_bytes(files) <= FULL_SHUFFLE_BYTES:
+    if size_bytes <= FULL_SHUFFLE_BYTES:
         return max(1, num_records)
     return max(1, min(num_records, WINDOW_SHUFFLE_RECORDS))
 

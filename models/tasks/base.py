@@ -56,8 +56,8 @@ class Task:
         )
         labels, keys = data_lib.read_labels_and_keys(inputs.train_files)
         self.all_keys, self.all_labels = keys, labels
-        self.shuffle_buffer = data_lib.shuffle_buffer_size(inputs.train_files, len(keys))
         self.split_bytes = data_lib.split_bytes(inputs.train_files)
+        self.shuffle_buffer = data_lib.shuffle_buffer_size(self.split_bytes, len(keys))
         self.labeled_keys = self._select_labeled(labels, keys)
         trained = self.training_keys()
         self.num_examples = len(keys if trained is None else trained)

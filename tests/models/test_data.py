@@ -372,7 +372,7 @@ def test_a_small_split_stored_in_class_order_is_shuffled_whole(tmp_path):
     """12,000 records in class order, more than a 10,000-record window: the first 2,000 drawn
     must hold every class in about its share. A window would not have reached the last classes."""
     files = _write_class_sorted(tmp_path / "sorted.gz", classes=10, per_class=1200)
-    buffer = data_lib.shuffle_buffer_size(files, 12_000)
+    buffer = data_lib.shuffle_buffer_size(data_lib.split_bytes(files), 12_000)
     assert buffer == 12_000
     ds = data_lib.train_dataset(
         files,
@@ -394,10 +394,11 @@ def test_a_small_split_stored_in_class_order_is_shuffled_whole(tmp_path):
 
 def test_shuffle_buffer_is_a_window_when_the_split_is_large(tmp_path, monkeypatch):
     files = _write_class_sorted(tmp_path / "sorted.gz", classes=2, per_class=10)
-    assert data_lib.shuffle_buffer_size(files, 20) == 20
+    size = data_lib.split_bytes(files)
+    assert data_lib.shuffle_buffer_size(size, 20) == 20
     monkeypatch.setattr(data_lib, "FULL_SHUFFLE_BYTES", 10)
-    assert data_lib.shuffle_buffer_size(files, 20) == 20  # fewer records than the window
-    assert data_lib.shuffle_buffer_size(files, 50_000) == data_lib.WINDOW_SHUFFLE_RECORDS
+    assert data_lib.shuffle_buffer_size(size, 20) == 20  # fewer records than the window
+    assert data_lib.shuffle_buffer_size(size, 50_000) == data_lib.WINDOW_SHUFFLE_RECORDS
 
 
 def test_a_small_labeled_subset_is_read_from_the_files_once(cifar_dir, transformed, tmp_path):
