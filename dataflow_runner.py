@@ -27,8 +27,9 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 def main(argv: list[str] | None = None) -> int:
     from models.precision import choose
-    from pipeline import cli, cloud
+    from pipeline.cloud import vertex as cloud
     from pipeline.configs import ConfigError
+    from pipeline.runner import cli
 
     argv = list(sys.argv[1:] if argv is None else argv)
     config, extras = cli.parse_config(
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # Before TensorFlow loads: its C++ start-up noise goes straight to file descriptor 2.
-    from pipeline.console import install_noise_filter
+    from pipeline.runner.console import install_noise_filter
 
     install_noise_filter()
     sys.exit(main())

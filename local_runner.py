@@ -34,7 +34,7 @@ def _beam_args(mode: str, workers: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline import cli
+    from pipeline.runner import cli
 
     config, _ = cli.parse_config(
         argv,
@@ -53,14 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     from tfx import v1 as tfx
 
     from pipeline import pipeline as pipeline_lib
-    from pipeline import report as report_lib
-    from pipeline import summary as summary_lib
-    from pipeline.digits import write_digits_dataset
+    from pipeline.runner import report as report_lib
+    from pipeline.runner import summary as summary_lib
+    from pipeline.runner.digits import write_digits_dataset
 
     model_dir = config.runner.resolved_model_dir(config.data.dataset)
     from models.precision import resolve
     from models.strategy import AcceleratorMissing, check_accelerator, local_replicas
-    from pipeline.configs import ConfigError, validate
+    from pipeline.configs import ConfigError, baseline_plan, validate
 
     rt = config.runtime
     try:
@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         f"({how}), at most {config.eval.max_top1_regression:.4f} below the last blessed model",
         flush=True,
     )
+    plan = baseline_plan(config)
+    if plan:
+        print(plan, flush=True)
     started = time.time()
     try:
         tfx.orchestration.LocalDagRunner().run(pipeline)
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # Before TensorFlow loads: its C++ start-up noise goes straight to file descriptor 2.
-    from pipeline.console import install_noise_filter
+    from pipeline.runner.console import install_noise_filter
 
     install_noise_filter()
     sys.exit(main())

@@ -49,7 +49,7 @@ def run_variant(variant: str, classes: int, per_class: int) -> dict:
     import apache_beam as beam
     import tensorflow as tf
 
-    from pipeline.image_example_gen import executor
+    from pipeline.components.image_example_gen import executor
 
     real_listdir = tf.io.gfile.listdir
 

@@ -12,7 +12,8 @@ once through this project's tf.Transform `preprocessing_fn` with tf.Transform's 
 implementation and written as GZIP TFRecords, exactly what the Transform component hands the
 Trainer; the result is cached under --work_dir. Training reads them with
 `models.data.train_dataset` (decode, two augmented views, batch, prefetch) and runs
-`models.tasks.pretrain.contrastive_step` (LARS, contrastive + linear-eval loss) as the Trainer does.
+the pretraining task's step (`models.tasks.pretrain.PretrainTask`: LARS, contrastive +
+linear-eval loss) as the Trainer does.
 
 Reported: images/s counting each source image once (the batch size per step, not the 2x views
 the network sees), over --steps timed steps after --warmup_steps untimed ones (tracing, XLA
@@ -45,13 +46,21 @@ import tensorflow as tf  # noqa: E402
 
 from bench import hardware  # noqa: E402
 from models import data as data_lib  # noqa: E402
-from models.config import RESNET_DEPTHS, ModelConfig, PretrainConfig  # noqa: E402
+from models.config import (  # noqa: E402
+    RESNET_DEPTHS,
+    AugmentConfig,
+    InputConfig,
+    ModelConfig,
+    PretrainConfig,
+    RuntimeConfig,
+    TrainerConfig,
+)
 from models.model import SimCLRModel  # noqa: E402
 from models.optimizers import build_optimizer  # noqa: E402
 from models.resnet import ResNet, set_matmul_filter_grad_max_pixels  # noqa: E402
 from models.schedule import WarmUpAndCosineDecay  # noqa: E402
 from models.strategy import make_strategy, set_precision, wrap_optimizer  # noqa: E402
-from models.tasks.pretrain import contrastive_step, pretrain_metrics  # noqa: E402
+from models.tasks.pretrain import PretrainTask  # noqa: E402
 
 NUM_CLASSES = 10
 # The reference's CIFAR-10 recipe (also this project's cifar10 preset).
@@ -235,6 +244,10 @@ def main(argv: list[str] | None = None) -> dict:
         global_bn=strategy.num_replicas_in_sync > 1,
     )
     total_steps = args.warmup_steps + args.steps
+    train = PretrainConfig(temperature=TEMPERATURE, weight_decay=WEIGHT_DECAY, optimizer="lars")
+    task = PretrainTask.without_inputs(
+        TrainerConfig("pretrain", InputConfig(), AugmentConfig(), config, train, RuntimeConfig())
+    )
     with strategy.scope():
         backbone = ResNet(
             depth=config.resnet_depth,
@@ -254,9 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer = wrap_optimizer(
             build_optimizer("lars", schedule, 0.9, WEIGHT_DECAY), args.mixed_precision
         )
-        metrics = pretrain_metrics()
-    train = PretrainConfig(temperature=TEMPERATURE, weight_decay=WEIGHT_DECAY, optimizer="lars")
-    step_fn = plain_step = contrastive_step(model, optimizer, metrics, train)
+        metrics = task.build_metrics()
+    step_fn = plain_step = task.train_step(model, optimizer, metrics)
     # As train_loop.run does: XLA compiles the replica step, the distribution loop stays outside.
     if args.jit_compile:
         step_fn = tf.function(step_fn, jit_compile=True)

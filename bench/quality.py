@@ -60,6 +60,7 @@ import tensorflow as tf  # noqa: E402
 from models import data as data_lib  # noqa: E402
 from models import knn, precision  # noqa: E402
 from models.config import RESNET_DEPTHS, UNLABELED_SPLIT, TrainerConfig  # noqa: E402
+from models.tasks import registry  # noqa: E402
 from pipeline.configs import build_config, trainer_config  # noqa: E402
 from transform import preprocessing as tp  # noqa: E402
 
@@ -570,22 +571,27 @@ class Bench:
         return trainer_config(build_config(flags), "finetune")
 
     def supervised(self, steps: int, fraction: float = 1.0) -> TrainerConfig:
-        """Supervised training from scratch (--train_mode=finetune) on the same labels."""
+        """The pipeline's supervised baseline (--baseline=supervised: random initialization, the
+        same labels) for `steps` steps, the same minutes as the SimCLR arm it is compared with."""
         a = self.args
         labeled = self.labeled_count(fraction)
         flags = self.flags(
-            train_mode="finetune",
+            baseline="supervised",
+            baseline_budget="epochs",
             label_fraction=fraction,
             label_fraction_seed=a.seed,
-            train_steps=steps,
-            train_batch_size=a.finetune_batch_size,
-            checkpoint_steps=steps,
-            optimizer=a.supervised_optimizer,
-            learning_rate=a.supervised_learning_rate,
-            weight_decay=a.supervised_weight_decay,
-            warmup_epochs=a.warmup_fraction * steps * min(a.finetune_batch_size, labeled) / labeled,
+            baseline_train_steps=steps,
+            baseline_train_batch_size=a.finetune_batch_size,
+            baseline_checkpoint_steps=steps,
+            baseline_optimizer=a.supervised_optimizer,
+            baseline_learning_rate=a.supervised_learning_rate,
+            baseline_weight_decay=a.supervised_weight_decay,
+            baseline_warmup_epochs=a.warmup_fraction
+            * steps
+            * min(a.finetune_batch_size, labeled)
+            / labeled,
         )
-        return trainer_config(build_config(flags), "finetune")
+        return trainer_config(build_config(flags), "baseline")
 
     def labeled_count(self, fraction: float) -> int:
         """Size of the labeled subset the Trainer selects for `fraction` (both semi-supervised
@@ -606,10 +612,10 @@ class Bench:
         shutil.rmtree(run_dir, ignore_errors=True)
         serving = str(run_dir / "serving_model")
         print(f"== {name}", flush=True)
-        pretraining = config.stage == "pretrain"
+        reads_pool = registry.get(config.stage).reads_unlabeled
         results = run_stage(
             config,
-            train_files=self.pretrain_files if pretraining else self.data.train_files,
+            train_files=self.pretrain_files if reads_pool else self.data.train_files,
             eval_files=self.data.test_files,
             transform_output_dir=self.data.transform_graph,
             serving_model_dir=serving,
@@ -828,7 +834,7 @@ def pipeline_run_report(
     `model_dir`, from what its Trainer printed (`log_text`) and logged (TensorBoard events,
     results.json), and the peak device memory polled while it ran; `context` (device,
     precision, command, ...) is copied in."""
-    from pipeline import summary as summary_lib
+    from pipeline.runner import summary as summary_lib
 
     run = summary_lib.latest_run(os.path.join(model_dir, "metadata.sqlite"))
     if "pretrain" not in run.model_run_uris:

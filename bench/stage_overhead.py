@@ -79,7 +79,7 @@ def transformed_digits(work_dir: pathlib.Path) -> dict[str, object]:
     import tensorflow_transform.beam as tft_beam
     from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 
-    from pipeline.digits import write_digits_dataset
+    from pipeline.runner.digits import write_digits_dataset
     from transform import preprocessing as tp
 
     root = write_digits_dataset(work_dir / "digits")

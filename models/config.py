@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,16 +32,22 @@ BLOCKS_PER_GROUP: dict[int, tuple[int, int, int, int]] = {
     200: (3, 24, 36, 3),
 }
 RESNET_DEPTHS = tuple(BLOCKS_PER_GROUP)
-STAGES = ("pretrain", "finetune", "distill")
 # The ExampleGen split of the unlabeled pool; every record in it has label -1.
 UNLABELED_SPLIT = "unlabeled"
 OPTIMIZERS = ("lars", "momentum", "adam")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 
 
-def opt(default: Any, help: str, flag: str | None = None, choices: tuple | None = None) -> Any:
-    """A dataclass field carrying its flag name, help text and allowed values."""
-    meta = {"help": help, "flag": flag, "choices": choices}
+def opt(
+    default: Any,
+    help: str,
+    flag: str | None = None,
+    choices: tuple | None = None,
+    kind: type | None = None,
+) -> Any:
+    """A dataclass field carrying its flag name, help text and allowed values; `kind` is the
+    flag's value type where the default (None) does not tell."""
+    meta = {"help": help, "flag": flag, "choices": choices, "kind": kind}
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -48,6 +55,12 @@ def opt(default: Any, help: str, flag: str | None = None, choices: tuple | None 
 
 class ConfigError(ValueError):
     """An invalid option; the message is one line that names the flag."""
+
+
+def need(cond: bool, flag: str, msg: str) -> None:
+    """Raises ConfigError(`--flag: msg`) unless `cond`."""
+    if not cond:
+        raise ConfigError(f"--{flag}: {msg}")
 
 
 @dataclass
@@ -59,6 +72,9 @@ class AugmentConfig:
         choices=("v1", "v2"),
     )
     use_blur: bool = opt(True, "Gaussian blur (p=0.5, sigma per image) during pretraining.")
+
+    def validate(self) -> None:
+        need(self.color_jitter_strength >= 0, "color_jitter_strength", "must be >= 0")
 
 
 @dataclass
@@ -85,6 +101,40 @@ class ModelConfig:
         "reference. Fine-tuning trains the head layers below the selected output.",
     )
 
+    def validate(self) -> None:
+        need(
+            self.resnet_depth in RESNET_DEPTHS,
+            "resnet_depth",
+            f"must be one of {RESNET_DEPTHS}, got {self.resnet_depth}",
+        )
+        need(self.width_multiplier > 0, "width_multiplier", "must be positive")
+        need(
+            self.width_multiplier < 1 or float(self.width_multiplier).is_integer(),
+            "width_multiplier",
+            f"must be an integer or a fraction below 1, got {self.width_multiplier}",
+        )
+        need(self.sk_ratio >= 0, "sk_ratio", "must be >= 0")
+        need(self.se_ratio >= 0, "se_ratio", "must be >= 0")
+        need(0 < self.batch_norm_decay < 1, "batch_norm_decay", "must be in (0, 1)")
+        need(self.proj_out_dim > 0, "proj_out_dim", "must be positive")
+        need(self.num_proj_layers >= 1, "num_proj_layers", "must be >= 1")
+        need(
+            -1 <= self.ft_proj_selector <= self.num_proj_layers,
+            "ft_proj_selector",
+            f"must be in [-1, num_proj_layers={self.num_proj_layers}]",
+        )
+        need(
+            self.proj_head_mode != "none" or self.ft_proj_selector == 0,
+            "ft_proj_selector",
+            f"{self.ft_proj_selector} selects a projection layer, but --proj_head_mode=none has "
+            "none",
+        )
+        need(
+            self.proj_head_mode != "linear" or self.ft_proj_selector in (-1, 0, 1),
+            "ft_proj_selector",
+            "--proj_head_mode=linear has one projection layer: use -1, 0 or 1",
+        )
+
 
 @dataclass
 class StageConfig:
@@ -106,6 +156,31 @@ class StageConfig:
     checkpoint_steps: int = opt(
         0, "Number of steps between checkpoints/summaries; overrides checkpoint_epochs when > 0."
     )
+
+    def validate(self, prefix: str = "", num_replicas: int = 1) -> None:
+        """Checks the section; `prefix` is its flags' prefix (`finetune_`), shown in errors."""
+        batch = self.train_batch_size
+        need(batch > 0, prefix + "train_batch_size", f"must be positive, got {batch}")
+        need(
+            batch % num_replicas == 0,
+            prefix + "train_batch_size",
+            f"{batch} is not divisible by the {num_replicas} replicas",
+        )
+        need(
+            self.train_epochs > 0 or self.train_steps > 0,
+            prefix + "train_epochs",
+            "train_epochs or train_steps must be positive",
+        )
+        need(self.train_steps >= 0, prefix + "train_steps", "must be >= 0")
+        need(self.learning_rate >= 0, prefix + "learning_rate", "must be >= 0")
+        need(self.warmup_epochs >= 0, prefix + "warmup_epochs", "must be >= 0")
+        need(self.weight_decay >= 0, prefix + "weight_decay", "must be >= 0")
+        need(self.optimizer in OPTIMIZERS, prefix + "optimizer", f"must be one of {OPTIMIZERS}")
+        need(
+            self.checkpoint_epochs > 0 or self.checkpoint_steps > 0,
+            prefix + "checkpoint_epochs",
+            "checkpoint_epochs or checkpoint_steps must be positive",
+        )
 
 
 @dataclass
@@ -133,6 +208,12 @@ class PretrainConfig(StageConfig):
         "Epochs of a warm-started pretraining's schedule (warmup and cosine decay over them); "
         "0 = --train_epochs / --train_steps.",
     )
+
+    def validate(self, prefix: str = "", num_replicas: int = 1) -> None:
+        super().validate(prefix, num_replicas)
+        need(self.temperature > 0, "temperature", "must be positive")
+        need(self.knn_every_epochs >= 0, "knn_every_epochs", "must be >= 0")
+        need(self.warm_start_epochs >= 0, "warm_start_epochs", "must be >= 0")
 
 
 @dataclass
@@ -175,6 +256,25 @@ class FinetuneConfig(StageConfig):
         "--train_mode=finetune, instead of pretraining.",
     )
 
+    def validate(self, prefix: str = "", num_replicas: int = 1) -> None:
+        super().validate(prefix, num_replicas)
+        after, fraction = self.fine_tune_after_block, self.label_fraction
+        need(-1 <= after <= 4, "fine_tune_after_block", "must be in [-1, 4]")
+        need(0 < fraction <= 1, "label_fraction", f"must be in (0, 1], got {fraction}")
+        if self.label_subset:
+            need(
+                self.label_subset.startswith("gs://") or os.path.isfile(self.label_subset),
+                "label_subset",
+                f"no such file: {self.label_subset}",
+            )
+            need(fraction == 1.0, "label_subset", "cannot be combined with --label_fraction")
+        need(
+            not self.checkpoint or not 0 <= after <= 3,
+            "fine_tune_after_block",
+            "an imported --checkpoint backbone trains whole (-1) or stays frozen (4); "
+            f"{after} is not supported",
+        )
+
 
 @dataclass
 class DistillConfig(StageConfig):
@@ -187,6 +287,52 @@ class DistillConfig(StageConfig):
     )
     distill_resnet_depth: int = opt(0, "Student ResNet depth; 0 = the teacher's.")
     distill_width_multiplier: float = opt(0.0, "Student width multiplier; 0 = the teacher's.")
+
+    def validate(self, prefix: str = "", num_replicas: int = 1) -> None:
+        super().validate(prefix, num_replicas)
+        need(self.distill_temperature > 0, "distill_temperature", "must be positive")
+        need(self.distill_label_weight >= 0, "distill_label_weight", "must be >= 0")
+        need(
+            self.distill_resnet_depth in (0, *RESNET_DEPTHS),
+            "distill_resnet_depth",
+            f"must be 0 or one of {RESNET_DEPTHS}",
+        )
+        need(self.distill_width_multiplier >= 0, "distill_width_multiplier", "must be >= 0")
+
+
+@dataclass
+class BaselineConfig(StageConfig):
+    """A supervised baseline: the same network from random initialization on exactly the
+    labeled examples fine-tuning reads, to answer whether pretraining paid off on this data."""
+
+    baseline: str = opt(
+        "none",
+        "Train a baseline beside the SimCLR model and compare them with TFMA on the eval split: "
+        "'supervised' = the same network from random initialization on the labeled examples "
+        "fine-tuning reads (same --label_fraction/--label_subset); 'none' = no baseline.",
+        choices=("none", "supervised"),
+    )
+    baseline_budget: str = opt(
+        "steps",
+        "The baseline's training budget: 'steps' = as many optimizer steps as pretraining and "
+        "fine-tuning together (each counted over what it reads, as those stages count them); "
+        "'epochs' = --baseline_train_epochs / --baseline_train_steps.",
+        choices=("steps", "epochs"),
+    )
+
+
+@dataclass
+class MatchedStage:
+    """What the baseline needs to count another stage's optimizer steps the way it does."""
+
+    stage: str
+    train_batch_size: int
+    train_epochs: int
+    train_steps: int
+    # Counted over the labeled train split plus the unlabeled pool; else over the labeled
+    # examples the baseline reads too.
+    reads_unlabeled: bool
+    recipe_epochs: bool = False
 
 
 @dataclass
@@ -220,6 +366,13 @@ class RuntimeConfig:
     keep_checkpoint_max: int = opt(5, "Maximum number of checkpoints to keep.")
     log_every_steps: int = opt(10, "Print a progress line every N steps.")
     seed: int = opt(0, "Random seed for weight initialization and input shuffling.")
+
+    def validate(self) -> None:
+        need(self.eval_batch_size > 0, "eval_batch_size", "must be positive")
+        need(self.keep_checkpoint_max > 0, "keep_checkpoint_max", "must be positive")
+        need(self.log_every_steps > 0, "log_every_steps", "must be positive")
+        if self.strategy == "tpu":
+            need(bool(self.tpu_name) or "TPU_NAME" in os.environ, "tpu_name", "required for TPUs")
 
 
 @dataclass
@@ -260,29 +413,27 @@ class TrainerConfig:
     train: StageConfig
     runtime: RuntimeConfig
     labels: LabelConfig | None = None
+    # The baseline's step budget: the stages whose steps it matches (empty for the others).
+    matched: list[MatchedStage] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> TrainerConfig:
+        from models.tasks import registry  # the registry imports this module
+
         d = json.loads(text)
         stage = d["stage"]
-        if stage not in STAGES:
-            raise ConfigError(f"unknown Trainer stage {stage!r}")
-        stage_classes = {
-            "pretrain": PretrainConfig,
-            "finetune": FinetuneConfig,
-            "distill": DistillConfig,
-        }
         return cls(
             stage=stage,
             input=InputConfig(**d["input"]),
             augment=AugmentConfig(**d["augment"]),
             model=ModelConfig(**d["model"]),
-            train=stage_classes[stage](**d["train"]),
+            train=registry.get(stage).config_class(**d["train"]),
             runtime=RuntimeConfig(**d["runtime"]),
             labels=LabelConfig(**d["labels"]) if d.get("labels") is not None else None,
+            matched=[MatchedStage(**m) for m in d.get("matched", [])],
         )
 
 

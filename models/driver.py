@@ -27,7 +27,8 @@ from models.strategy import (
     set_precision,
     worker_dirs,
 )
-from models.tasks import TASKS, StageInputs
+from models.tasks import registry
+from models.tasks.base import StageInputs
 from transform import preprocessing as tp
 
 # Every stage reports these, in this order (0 when a stage has no such phase).
@@ -78,7 +79,8 @@ def run_stage(
         label_names = tp.read_label_names(tft_output)
         base = saved_model_dir(base_model) if base_model else None
         inputs = StageInputs(train_files, eval_files, transform_output_dir, len(label_names), base)
-        task = TASKS[config.stage](config, inputs, strategy.num_replicas_in_sync)
+        task_class = registry.get(config.stage).task_class()
+        task = task_class(config, inputs, strategy.num_replicas_in_sync)
         restore_dir = checkpoint_dir or os.path.join(model_run_dir, "checkpoints")
         # Only the chief writes where others read; other workers write to scratch.
         ckpt_dir, run_dir, export_dir = worker_dirs(

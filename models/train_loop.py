@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,6 +18,11 @@ import tensorflow as tf
 import tf_keras as keras
 
 log = logging.getLogger(__name__)
+
+# Beside a stage's checkpoints: the stage that wrote them. Every stage's network has the same
+# variables (backbone, projection head, supervised head), so a checkpoint of another stage would
+# otherwise restore whole, step count included.
+STAGE_FILE = "stage.txt"
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,8 @@ class LoopSettings:
     log_every: int
     global_batch_size: int
     keep_checkpoint_max: int
+    # The metrics the progress line shows, in the order the metrics dict lists them.
+    progress_metrics: tuple[str, ...]
     jit_compile: bool = False
 
 
@@ -89,8 +97,18 @@ def restore_whole(checkpoint: tf.train.Checkpoint, path: str, stage: str) -> Non
     A checkpoint of other code (a renamed layer, another head) would otherwise restore the
     variables it shares with this model and leave the rest initialized, silently. Values in
     the checkpoint that nothing here reads yet (optimizer slots, created at the first step)
-    are restored when they are created.
+    are restored when they are created. A checkpoint written by another stage is refused too
+    (`STAGE_FILE`).
     """
+    marker = os.path.join(os.path.dirname(path), STAGE_FILE)
+    if tf.io.gfile.exists(marker):
+        with tf.io.gfile.GFile(marker) as f:
+            written_by = f.read().strip()
+        if written_by != stage:
+            raise ValueError(
+                f"{stage}: checkpoint {path} was written by the {written_by} stage; remove its "
+                "directory to train afresh"
+            )
     try:
         checkpoint.restore(path).expect_partial().assert_existing_objects_matched()
     except (AssertionError, ValueError) as e:  # missing variables; other shapes
@@ -134,39 +152,18 @@ def run(
     """
     clock = clock or PhaseClock()
     with clock.phase("build"):
-        with strategy.scope():
-            global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-            checkpoint = tf.train.Checkpoint(
-                model=model, optimizer=optimizer, global_step=global_step
-            )
+        checkpoint, global_step = _checkpoint(strategy, model, optimizer)
         manager = tf.train.CheckpointManager(
             checkpoint, checkpoint_dir, max_to_keep=settings.keep_checkpoint_max
         )
-        latest = tf.train.latest_checkpoint(restore_dir or checkpoint_dir)
-        if latest:
-            restore_whole(checkpoint, latest, settings.stage)
-        start = int(global_step.numpy())
-    if latest:
-        log.info("Restored %s at step %d", latest, start)
-        print(f"{settings.stage}: resuming from {latest} (step {start})", flush=True)
+        start = _restore(checkpoint, global_step, restore_dir or checkpoint_dir, settings.stage)
+        _mark_stage(checkpoint_dir, settings.stage)
     with clock.phase("setup"):
         skip = start * settings.global_batch_size
         dataset = strategy.distribute_datasets_from_function(lambda ctx: make_dataset(ctx, skip))
         iterator = iter(dataset)
         writer = tf.summary.create_file_writer(summary_dir)
-
-    # Autograph is needed for the loop below only. The step's own code (model, loss, optimizer)
-    # branches on Python values alone, and converting it made the first step's trace slower.
-    replica_step = tf.autograph.experimental.do_not_convert(step_fn)
-    if settings.jit_compile:
-        # XLA compiles the replica step only; the loop around it keeps the iterator outside XLA.
-        replica_step = tf.function(replica_step, jit_compile=True, autograph=False)
-
-    @tf.function
-    def train_steps(iterator, steps: tf.Tensor) -> None:
-        for _ in tf.range(steps):
-            strategy.run(replica_step, args=next(iterator))
-            global_step.assign_add(1)
+    train_steps = _steps_function(strategy, step_fn, global_step, settings.jit_compile)
 
     def report(step: int, extra: dict[str, float]) -> None:
         with writer.as_default(step=step):
@@ -181,17 +178,10 @@ def run(
 
     if on_start is not None:
         report(start, on_start(start))
-    step = start
-    last_time, last_step = time.perf_counter(), step
-    t_start = last_time
+    step, progress = start, _Progress(settings, start)
     traced = False
     while step < settings.total_steps:
-        boundary = min(
-            settings.total_steps,
-            (step // settings.log_every + 1) * settings.log_every,
-            (step // settings.checkpoint_every + 1) * settings.checkpoint_every,
-        )
-        remaining = boundary - step
+        remaining = _next_boundary(step, settings) - step
         if not traced:
             # The same traced function as every later call (the count is a tensor).
             with clock.phase("trace"):
@@ -202,45 +192,9 @@ def run(
             if remaining:
                 train_steps(iterator, tf.constant(remaining))
             step = int(global_step.numpy())
-            now = time.perf_counter()
-            # Metrics no step updated (supervised ones without online linear eval) are not
-            # reported.
-            values = {
-                name: float(m.result().numpy())
-                for name, m in metrics.items()
-                if m.count.numpy() > 0
-            }
-            lr = optimizer.learning_rate
-            # Under a strategy the optimizer's current rate is a MirroredVariable, which float()
-            # rejects; reading it as a tensor takes the local copy.
-            lr_value = float(tf.convert_to_tensor(lr(step) if callable(lr) else lr))
-            with writer.as_default(step=step):
-                for name, value in values.items():
-                    tf.summary.scalar(f"train/{name}", value)
-                tf.summary.scalar("learning_rate", lr_value)
-            for m in metrics.values():
-                m.reset_state()
+            values, lr_value = _write_summaries(writer, metrics, optimizer, step)
             if step % settings.log_every == 0 or step == settings.total_steps:
-                rate = (step - last_step) * settings.global_batch_size / max(now - last_time, 1e-9)
-                eta = (settings.total_steps - step) * (now - t_start) / max(step - start, 1)
-                shown = " | ".join(
-                    f"{k} {v:.4f}"
-                    for k, v in values.items()
-                    if k
-                    in (
-                        "total_loss",
-                        "contrast_loss",
-                        "contrast_acc",
-                        "distill_loss",
-                        "supervised_acc",
-                    )
-                )
-                print(
-                    f"{settings.stage} step {step}/{settings.total_steps} | {shown} | "
-                    f"lr {lr_value:.4g} | {rate:.1f} img/s | ETA {_format_eta(eta)}",
-                    flush=True,
-                )
-                last_time, last_step = now, step
+                progress.print(step, values, lr_value)
         if step % settings.checkpoint_every == 0 or step == settings.total_steps:
             with clock.phase("checkpoint"):
                 manager.save(checkpoint_number=step)
@@ -248,6 +202,107 @@ def run(
                 report(step, on_checkpoint(step))
     writer.flush()
     return step
+
+
+def _checkpoint(
+    strategy: tf.distribute.Strategy, model: keras.Model, optimizer: keras.optimizers.Optimizer
+) -> tuple[tf.train.Checkpoint, tf.Variable]:
+    """What a checkpoint holds: the model, the optimizer (slots and iterations) and the step."""
+    with strategy.scope():
+        global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, global_step=global_step)
+    return checkpoint, global_step
+
+
+def _restore(
+    checkpoint: tf.train.Checkpoint, global_step: tf.Variable, restore_dir: str, stage: str
+) -> int:
+    """Restores the newest checkpoint in `restore_dir`, if any; returns the step to start at."""
+    latest = tf.train.latest_checkpoint(restore_dir)
+    if not latest:
+        return 0
+    restore_whole(checkpoint, latest, stage)
+    start = int(global_step.numpy())
+    log.info("Restored %s at step %d", latest, start)
+    print(f"{stage}: resuming from {latest} (step {start})", flush=True)
+    return start
+
+
+def _mark_stage(checkpoint_dir: str, stage: str) -> None:
+    """Records the stage beside its checkpoints (`restore_whole` refuses another stage's)."""
+    tf.io.gfile.makedirs(checkpoint_dir)
+    with tf.io.gfile.GFile(os.path.join(checkpoint_dir, STAGE_FILE), "w") as f:
+        f.write(stage)
+
+
+def _steps_function(
+    strategy: tf.distribute.Strategy, step_fn: Callable, global_step: tf.Variable, jit: bool
+) -> Callable:
+    """A tf.function running `steps` replica steps from an iterator, counting them."""
+    # Autograph is needed for the loop below only. The step's own code (model, loss, optimizer)
+    # branches on Python values alone, and converting it made the first step's trace slower.
+    replica_step = tf.autograph.experimental.do_not_convert(step_fn)
+    if jit:
+        # XLA compiles the replica step only; the loop around it keeps the iterator outside XLA.
+        replica_step = tf.function(replica_step, jit_compile=True, autograph=False)
+
+    @tf.function
+    def train_steps(iterator, steps: tf.Tensor) -> None:
+        for _ in tf.range(steps):
+            strategy.run(replica_step, args=next(iterator))
+            global_step.assign_add(1)
+
+    return train_steps
+
+
+def _next_boundary(step: int, settings: LoopSettings) -> int:
+    """The next step at which the loop logs, checkpoints or ends."""
+    return min(
+        settings.total_steps,
+        (step // settings.log_every + 1) * settings.log_every,
+        (step // settings.checkpoint_every + 1) * settings.checkpoint_every,
+    )
+
+
+def _write_summaries(
+    writer, metrics: dict[str, keras.metrics.Mean], optimizer, step: int
+) -> tuple[dict[str, float], float]:
+    """Writes the running means since the last call and the learning rate at `step`, resets the
+    means, and returns both. Metrics no step updated (the probe's, when it is off) are left
+    out."""
+    values = {name: float(m.result().numpy()) for name, m in metrics.items() if m.count.numpy() > 0}
+    lr = optimizer.learning_rate
+    # Under a strategy the optimizer's current rate is a MirroredVariable, which float()
+    # rejects; reading it as a tensor takes the local copy.
+    lr_value = float(tf.convert_to_tensor(lr(step) if callable(lr) else lr))
+    with writer.as_default(step=step):
+        for name, value in values.items():
+            tf.summary.scalar(f"train/{name}", value)
+        tf.summary.scalar("learning_rate", lr_value)
+    for m in metrics.values():
+        m.reset_state()
+    return values, lr_value
+
+
+class _Progress:
+    """The progress line: the task's progress metrics, learning rate, images/s and ETA."""
+
+    def __init__(self, settings: LoopSettings, start: int) -> None:
+        self.settings, self.start = settings, start
+        self.started = self.last_time = time.perf_counter()
+        self.last_step = start
+
+    def print(self, step: int, values: dict[str, float], lr_value: float) -> None:
+        s, now = self.settings, time.perf_counter()
+        rate = (step - self.last_step) * s.global_batch_size / max(now - self.last_time, 1e-9)
+        eta = (s.total_steps - step) * (now - self.started) / max(step - self.start, 1)
+        shown = " | ".join(f"{k} {v:.4f}" for k, v in values.items() if k in s.progress_metrics)
+        print(
+            f"{s.stage} step {step}/{s.total_steps} | {shown} | "
+            f"lr {lr_value:.4g} | {rate:.1f} img/s | ETA {_format_eta(eta)}",
+            flush=True,
+        )
+        self.last_time, self.last_step = now, step
 
 
 def evaluate(model: keras.Model, dataset: tf.data.Dataset) -> dict[str, float]:

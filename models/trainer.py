@@ -34,7 +34,7 @@ NOT_IN_CHECKPOINT_KEY = {
     "train": ("knn_every_epochs", "checkpoint_epochs", "checkpoint_steps"),
 }
 TRAINING_FILE = "training.json"
-# Written beside the checkpoints by the Vertex AI launcher (pipeline/cloud_jobs.py) while its
+# Written beside the checkpoints by the Vertex AI launcher (pipeline/cloud/jobs.py) while its
 # custom job may be writing there; "released" once the job has ended.
 LEASE_FILE = "vertex_job_lease.json"
 

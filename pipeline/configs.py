@@ -19,24 +19,21 @@ from typing import Any
 
 from models.config import (
     IMAGENET_LINEAR_EVAL,
-    OPTIMIZERS,
     PROTOCOLS,
-    RESNET_DEPTHS,
-    STAGES,
     AugmentConfig,
     ConfigError,
-    DistillConfig,
-    FinetuneConfig,
     InputConfig,
     LabelConfig,
+    MatchedStage,
     ModelConfig,
-    PretrainConfig,
     RuntimeConfig,
     StageConfig,
     TrainerConfig,
+    need,
     opt,
     semi_supervised_epochs,
 )
+from models.tasks import registry
 
 DATASETS = ("digits", "cifar10", "imagenet2012", "folder")
 TRAIN_MODES = ("pretrain", "finetune")
@@ -105,6 +102,41 @@ class DataConfig:
     )
     cache_dataset: bool = opt(False, "Cache the decoded training set in memory (small datasets).")
 
+    def validate(self) -> None:
+        need(
+            self.dataset in DATASETS,
+            "dataset",
+            f"must be one of {DATASETS}, got {self.dataset!r}",
+        )
+        need(
+            self.dataset == "digits" or bool(self.data_dir),
+            "data_dir",
+            f"required for --dataset={self.dataset}",
+        )
+        if self.data_dir and not self.data_dir.startswith("gs://"):
+            need(os.path.isdir(self.data_dir), "data_dir", f"no such directory: {self.data_dir}")
+        need(self.image_size > 0, "image_size", f"must be positive, got {self.image_size}")
+        need(self.stored_image_size >= 0, "stored_image_size", "must be >= 0")
+        need(
+            self.stored_size >= self.image_size or self.stored_image_size == 0,
+            "stored_image_size",
+            f"{self.stored_image_size} is smaller than --image_size={self.image_size}",
+        )
+        need(0.0 <= self.max_bad_fraction <= 1.0, "max_bad_fraction", "must be in [0, 1]")
+        need(self.max_images_per_class >= 0, "max_images_per_class", "must be >= 0")
+        if self.labels_file and not self.labels_file.startswith("gs://"):
+            need(
+                os.path.isfile(self.labels_file),
+                "labels_file",
+                f"no such file: {self.labels_file}",
+            )
+        if self.unlabeled_dir and "://" not in self.unlabeled_dir:
+            need(
+                os.path.isdir(self.unlabeled_dir),
+                "unlabeled_dir",
+                f"no such directory: {self.unlabeled_dir}",
+            )
+
     @property
     def stored_size(self) -> int:
         if self.stored_image_size:
@@ -112,15 +144,6 @@ class DataConfig:
         return self.image_size if self.image_size <= 32 else 256
 
 
-# The distillation stage starts from the reference's fine-tuning optimizer settings.
-DISTILL_DEFAULTS = {
-    "learning_rate": 0.1,
-    "learning_rate_scaling": "linear",
-    "warmup_epochs": 0.0,
-    "weight_decay": 0.0,
-    "optimizer": "momentum",
-    "train_epochs": 100,
-}
 # With no explicit --min_top1 the gate requires twice the chance rate 1/K of K classes, and at
 # most 25 points above chance (so two classes need 0.75, ten 0.2, a thousand 0.002).
 CHANCE_FLOOR_MAX_MARGIN = 0.25
@@ -145,6 +168,30 @@ class EvalConfig:
         "Evaluator gate: the candidate's top-1 may be at most this much below the last "
         "blessed model's.",
     )
+    min_gain_over_baseline: float | None = opt(
+        None,
+        "Gain gate (with --baseline=supervised): push only if the candidate's top-1 beats the "
+        "baseline's by at least this much on the eval split (e.g. 0.02; negative tolerates a "
+        "loss). Unset: the comparison is reported, not gated.",
+        kind=float,
+    )
+    push: str = opt(
+        "candidate",
+        "Which model a passed gate pushes: 'candidate' (the SimCLR model) or 'baseline' (the "
+        "supervised baseline, when it won; never pushed unless asked).",
+        choices=("candidate", "baseline"),
+    )
+
+    def validate(self) -> None:
+        need(
+            self.min_top1 == -1 or 0 <= self.min_top1 <= 1.01,
+            "min_top1",
+            "must be -1 or in [0, 1.01]",
+        )
+        need(0 <= self.min_top5 <= 1.01, "min_top5", "must be in [0, 1.01]")
+        need(0 <= self.max_top1_regression <= 1, "max_top1_regression", "must be in [0, 1]")
+        gain = self.min_gain_over_baseline
+        need(gain is None or -1 <= gain <= 1, "min_gain_over_baseline", "must be in [-1, 1]")
 
 
 @dataclass
@@ -184,38 +231,57 @@ class SimCLRConfig:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    distill: DistillConfig = field(default_factory=lambda: DistillConfig(**DISTILL_DEFAULTS))
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
+    # One section per registered Trainer stage (models/tasks/registry.py), read as attributes
+    # (`config.pretrain`) and serialized as top-level keys, like the other sections.
+    stages: dict[str, StageConfig] = field(default_factory=lambda: _stage_sections())
     # Not a flag: set by build_config when the fine-tuning epochs come from the semi-supervised
     # recipe, so the Trainer picks them from the labeled fraction it actually counts.
     recipe_epochs: bool = False
 
-    # ----- serialization (the Trainer's custom_config carries this JSON) -----
+    def __getattr__(self, name: str) -> StageConfig:
+        stages = self.__dict__.get("stages")
+        if stages is not None and name in stages:
+            return stages[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute or stage {name!r}")
+
+    # ----- serialization -----
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d.update(d.pop("stages"))
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict) -> SimCLRConfig:
-        return _from_dict(cls, d)
+        d = dict(d)
+        stages = _stage_sections()
+        for name in list(stages):
+            if name in d:
+                stages[name] = _from_dict(type(stages[name]), d.pop(name))
+        config = _from_dict(cls, d)
+        config.stages = stages
+        return config
 
     @classmethod
     def from_json(cls, text: str) -> SimCLRConfig:
         return cls.from_dict(json.loads(text))
 
     def stage(self, name: str) -> StageConfig:
-        if name not in STAGES:
+        if name not in self.stages:
             raise ConfigError(f"unknown Trainer stage {name!r}")
-        return getattr(self, name)
+        return self.stages[name]
 
     def validate(self) -> None:
         validate(self)
+
+
+def _stage_sections() -> dict[str, StageConfig]:
+    return {stage.name: stage.new_section() for stage in registry.stages()}
 
 
 def _from_dict(cls: type, d: dict) -> Any:
@@ -263,6 +329,7 @@ DATASET_PRESETS: dict[str, dict[str, Any]] = {
         "finetune.train_epochs": 20,
         "distill.train_batch_size": 128,
         "distill.train_epochs": 20,
+        "baseline.train_batch_size": 128,
         "runtime.eval_batch_size": 256,
     },
     # The reference's CIFAR-10 recipe (SimCLR README).
@@ -299,16 +366,30 @@ def flag_fields() -> list[tuple[str, str, dataclasses.Field, type]]:
         cls = _dataclass_type(SimCLRConfig, section)
         for f in dataclasses.fields(cls):
             out.append((f.metadata.get("flag") or f.name, f"{section}.{f.name}", f, cls))
-    # The reference's flag names set the stage named by --train_mode; --finetune_<name> sets the
-    # fine-tuning stage that follows pretraining.
-    for f in dataclasses.fields(PretrainConfig):
-        out.append((f.name, f"<stage>.{f.name}", f, PretrainConfig))
-    stage_names = {g.name for g in dataclasses.fields(StageConfig)}
-    for stage, cls in (("finetune", FinetuneConfig), ("distill", DistillConfig)):
+    # The reference's flag names set the stage named by --train_mode (the stage registered with
+    # no flag prefix holds them); every other stage's optimization flags carry its prefix
+    # (--finetune_learning_rate), and its own options keep their names.
+    shared = {g.name for g in dataclasses.fields(StageConfig)}
+    for stage in registry.stages():
+        cls = stage.config_class
         for f in dataclasses.fields(cls):
-            flag = f"{stage}_{f.name}" if f.name in stage_names else f.name
-            out.append((flag, f"{stage}.{f.name}", f, cls))
+            if not stage.flag_prefix:
+                out.append((f.name, f"<stage>.{f.name}", f, cls))
+            else:
+                flag = stage.flag(f.name, own=f.name not in shared)
+                out.append((flag, f"{stage.name}.{f.name}", f, cls))
+    flags = [flag for flag, *_ in out]
+    twice = sorted({flag for flag in flags if flags.count(flag) > 1})
+    if twice:
+        raise ConfigError(f"--{twice[0]} is declared by two config fields")
     return out
+
+
+def default_path(path: str) -> str:
+    """A flag's config path with `<stage>` (the stage --train_mode names) read as the stage
+    whose flags carry no prefix, as the defaults show it."""
+    bare = next(s.name for s in registry.stages() if not s.flag_prefix)
+    return path.replace("<stage>", bare)
 
 
 def get_path(config: SimCLRConfig, path: str) -> Any:
@@ -352,14 +433,12 @@ def build_config(overrides: dict[str, Any]) -> SimCLRConfig:
             if not hasattr(config.stage(target), name):
                 raise ConfigError(f"--{flag} applies only with --train_mode=pretrain")
             path = f"{target}.{name}"
-        elif (
-            flag.startswith("finetune_")
-            and flag != "finetune_protocol"
-            and train_mode == "finetune"
-        ):
+        elif path.split(".", 1)[0] == train_mode and _is_prefixed(flag, path):
+            # The stage --train_mode names takes the reference's bare names.
+            bare = path.split(".", 1)[1]
             raise ConfigError(
-                f"--{flag} applies only with --train_mode=pretrain; use "
-                f"--{flag.removeprefix('finetune_')} with --train_mode=finetune"
+                f"--{flag} applies only when --train_mode is not {train_mode}; use --{bare} "
+                f"with --train_mode={train_mode}"
             )
         given[path] = value
     for path, value in DATASET_PRESETS[dataset].items():
@@ -375,6 +454,11 @@ def build_config(overrides: dict[str, Any]) -> SimCLRConfig:
     config.finetune.finetune_protocol = resolved_protocol(config)
     validate(config)
     return config
+
+
+def _is_prefixed(flag: str, path: str) -> bool:
+    """Whether `flag` is a stage's prefixed name of a shared optimization field."""
+    return flag != path.split(".", 1)[1]
 
 
 def resolved_protocol(config: SimCLRConfig) -> str:
@@ -461,83 +545,99 @@ def protocol_recipe(config: SimCLRConfig) -> dict[str, Any]:
 def trainer_config(config: SimCLRConfig, stage: str) -> TrainerConfig:
     """The sections one Trainer stage reads, and nothing else: TFX caches the component on it,
     so a gate, report or runner option never re-runs training."""
-    d = config.data
-    model, labels, augment = config.model, None, AugmentConfig()
-    if stage == "pretrain":
-        # The online probe reads backbone features; ft_proj_selector is the later stages'.
-        model = dataclasses.replace(model, ft_proj_selector=0)
-        augment = config.augment
-    else:
-        f = config.finetune
+    d, spec = config.data, registry.get(stage)
+    section = config.stage(stage)
+    model = dataclasses.replace(config.model, **spec.model_fixed)
+    for model_field, own_field in spec.student.items():
+        if getattr(section, own_field):
+            model = dataclasses.replace(model, **{model_field: getattr(section, own_field)})
+    labels = None
+    if spec.selects_labels:
+        f = config.finetune  # the label selection's flags live in the fine-tuning section
         labels = LabelConfig(
             f.label_fraction,
             f.label_fraction_seed,
             f.label_subset,
-            recipe_epochs=stage == "finetune" and config.recipe_epochs,
-        )
-    if stage == "distill":
-        dist = config.distill
-        model = dataclasses.replace(
-            model,
-            resnet_depth=dist.distill_resnet_depth or model.resnet_depth,
-            width_multiplier=dist.distill_width_multiplier or model.width_multiplier,
-            ft_proj_selector=0,
+            recipe_epochs=spec.recipe_epochs and config.recipe_epochs,
         )
     return TrainerConfig(
         stage=stage,
         input=InputConfig(d.image_size, d.stored_size, d.image_format, d.cache_dataset),
-        augment=dataclasses.replace(augment),
-        model=dataclasses.replace(model),
-        train=dataclasses.replace(config.stage(stage)),
+        augment=dataclasses.replace(config.augment if spec.contrastive else AugmentConfig()),
+        model=model,
+        train=dataclasses.replace(section),
         runtime=dataclasses.replace(config.runtime),
         labels=labels,
+        matched=matched_stages(config, spec),
     )
+
+
+def matched_stages(config: SimCLRConfig, spec: registry.Stage) -> list[MatchedStage]:
+    """What a baseline with a step budget counts: every other stage of the run, as it counts
+    its own steps (empty for any other stage, or with --baseline_budget=epochs)."""
+    if spec.role != registry.BASELINE or config.stage(spec.name).baseline_budget != "steps":
+        return []
+    return [
+        MatchedStage(
+            stage=other.name,
+            train_batch_size=config.stage(other.name).train_batch_size,
+            train_epochs=config.stage(other.name).train_epochs,
+            train_steps=config.stage(other.name).train_steps,
+            reads_unlabeled=other.reads_unlabeled,
+            recipe_epochs=other.recipe_epochs and config.recipe_epochs,
+        )
+        for other in registry.active(config)
+        if other.role != registry.BASELINE
+    ]
 
 
 def validate(config: SimCLRConfig, num_replicas: int = 1) -> None:
-    """Reject bad values before any component runs; each error is one line naming the flag."""
+    """Reject bad values before any component runs; each error is one line naming the flag.
+
+    Each section checks its own fields (`validate` beside its definition); what is left here
+    are the rules that join sections.
+    """
+    config.data.validate()
+    config.model.validate()
+    config.augment.validate()
+    config.runtime.validate()
+    config.eval.validate()
+    for stage in registry.active(config):
+        prefix = stage_flag(config, stage.name, "")
+        config.stage(stage.name).validate(prefix, num_replicas)
+    _validate_across_sections(config)
+
+
+def baseline_plan(config: SimCLRConfig) -> str | None:
+    """One line on the baseline comparison and its gate; None without a baseline stage."""
+    stage = registry.baseline(config)
+    if stage is None:
+        return None
+    section, gain = config.stage(stage.name), config.eval.min_gain_over_baseline
+    budget = (
+        "as many optimizer steps as the candidate's stages"
+        if section.baseline_budget == "steps"
+        else "its own --baseline_train_epochs/--baseline_train_steps"
+    )
+    gate = (
+        f"gain gate: the candidate is pushed only if its top-1 beats the baseline's by >= "
+        f"{gain:+.4f} (--min_gain_over_baseline)"
+        if gain is not None
+        else "compared, not gated (--min_gain_over_baseline sets a gate)"
+    )
+    pushed = ""
+    if config.eval.push == "baseline":
+        pushed = "; --push=baseline: the baseline is pushed if it wins"
+    return f"baseline: {stage.title}, for {budget}; {gate}{pushed}"
+
+
+def stage_flag(config: SimCLRConfig, stage: str, name: str) -> str:
+    """The flag that sets optimization field `name` of a stage in this run."""
+    return name if stage == config.train_mode else registry.get(stage).flag_prefix + name
+
+
+def _validate_across_sections(config: SimCLRConfig) -> None:
     d, m = config.data, config.model
-
-    def need(cond: bool, flag: str, msg: str) -> None:
-        if not cond:
-            raise ConfigError(f"--{flag}: {msg}")
-
-    need(d.dataset in DATASETS, "dataset", f"must be one of {DATASETS}, got {d.dataset!r}")
-    need(
-        d.dataset == "digits" or bool(d.data_dir),
-        "data_dir",
-        f"required for --dataset={d.dataset}",
-    )
-    if d.data_dir and not d.data_dir.startswith("gs://"):
-        need(os.path.isdir(d.data_dir), "data_dir", f"no such directory: {d.data_dir}")
-    need(d.image_size > 0, "image_size", f"must be positive, got {d.image_size}")
-    need(d.stored_image_size >= 0, "stored_image_size", "must be >= 0")
-    need(
-        d.stored_size >= d.image_size or d.stored_image_size == 0,
-        "stored_image_size",
-        f"{d.stored_image_size} is smaller than --image_size={d.image_size}",
-    )
-    need(0.0 <= d.max_bad_fraction <= 1.0, "max_bad_fraction", "must be in [0, 1]")
-    need(d.max_images_per_class >= 0, "max_images_per_class", "must be >= 0")
-    if d.labels_file and not d.labels_file.startswith("gs://"):
-        need(os.path.isfile(d.labels_file), "labels_file", f"no such file: {d.labels_file}")
-    if d.unlabeled_dir and "://" not in d.unlabeled_dir:
-        need(
-            os.path.isdir(d.unlabeled_dir),
-            "unlabeled_dir",
-            f"no such directory: {d.unlabeled_dir}",
-        )
-    need(
-        m.resnet_depth in RESNET_DEPTHS,
-        "resnet_depth",
-        f"must be one of {RESNET_DEPTHS}, got {m.resnet_depth}",
-    )
-    need(m.width_multiplier > 0, "width_multiplier", "must be positive")
-    need(
-        m.width_multiplier < 1 or float(m.width_multiplier).is_integer(),
-        "width_multiplier",
-        f"must be an integer or a fraction below 1, got {m.width_multiplier}",
-    )
     # Measured: TF 2.16's oneDNN CPU kernels corrupt the heap (the process aborts) when the
     # stem has 8 channels (width 1/8) at 192 px and above; 12 channels (3/16) run.
     need(
@@ -547,101 +647,22 @@ def validate(config: SimCLRConfig, num_replicas: int = 1) -> None:
         f"{m.width_multiplier} at --image_size={d.image_size} crashes TensorFlow's oneDNN CPU "
         "kernels; use >= 0.1875 (or set TF_ENABLE_ONEDNN_OPTS=0)",
     )
-    need(m.sk_ratio >= 0, "sk_ratio", "must be >= 0")
-    need(m.se_ratio >= 0, "se_ratio", "must be >= 0")
-    need(0 < m.batch_norm_decay < 1, "batch_norm_decay", "must be in (0, 1)")
-    need(m.proj_out_dim > 0, "proj_out_dim", "must be positive")
-    need(m.num_proj_layers >= 1, "num_proj_layers", "must be >= 1")
     need(
-        -1 <= m.ft_proj_selector <= m.num_proj_layers,
-        "ft_proj_selector",
-        f"must be in [-1, num_proj_layers={m.num_proj_layers}]",
-    )
-    need(
-        m.proj_head_mode != "none" or m.ft_proj_selector == 0,
-        "ft_proj_selector",
-        f"{m.ft_proj_selector} selects a projection layer, but --proj_head_mode=none has none",
-    )
-    need(
-        m.proj_head_mode != "linear" or m.ft_proj_selector in (-1, 0, 1),
-        "ft_proj_selector",
-        "--proj_head_mode=linear has one projection layer: use -1, 0 or 1",
-    )
-    need(config.augment.color_jitter_strength >= 0, "color_jitter_strength", "must be >= 0")
-    stages = ["pretrain", "finetune"] if config.train_mode == "pretrain" else ["finetune"]
-    if config.distill.distill:
-        stages.append("distill")
-    for name in stages:
-        s = config.stage(name)
-        prefix = "" if name == config.train_mode else f"{name}_"
-        need(
-            s.train_batch_size > 0,
-            prefix + "train_batch_size",
-            f"must be positive, got {s.train_batch_size}",
-        )
-        need(
-            s.train_batch_size % num_replicas == 0,
-            prefix + "train_batch_size",
-            f"{s.train_batch_size} is not divisible by the {num_replicas} replicas",
-        )
-        need(
-            s.train_epochs > 0 or s.train_steps > 0,
-            prefix + "train_epochs",
-            "train_epochs or train_steps must be positive",
-        )
-        need(s.train_steps >= 0, prefix + "train_steps", "must be >= 0")
-        need(s.learning_rate >= 0, prefix + "learning_rate", "must be >= 0")
-        need(s.warmup_epochs >= 0, prefix + "warmup_epochs", "must be >= 0")
-        need(s.weight_decay >= 0, prefix + "weight_decay", "must be >= 0")
-        need(s.optimizer in OPTIMIZERS, prefix + "optimizer", f"must be one of {OPTIMIZERS}")
-        need(
-            s.checkpoint_epochs > 0 or s.checkpoint_steps > 0,
-            prefix + "checkpoint_epochs",
-            "checkpoint_epochs or checkpoint_steps must be positive",
-        )
-    need(config.pretrain.temperature > 0, "temperature", "must be positive")
-    need(config.pretrain.knn_every_epochs >= 0, "knn_every_epochs", "must be >= 0")
-    need(config.pretrain.warm_start_epochs >= 0, "warm_start_epochs", "must be >= 0")
-    f = config.finetune
-    need(-1 <= f.fine_tune_after_block <= 4, "fine_tune_after_block", "must be in [-1, 4]")
-    need(0 < f.label_fraction <= 1, "label_fraction", f"must be in (0, 1], got {f.label_fraction}")
-    if f.label_subset:
-        need(
-            f.label_subset.startswith("gs://") or os.path.isfile(f.label_subset),
-            "label_subset",
-            f"no such file: {f.label_subset}",
-        )
-        need(f.label_fraction == 1.0, "label_subset", "cannot be combined with --label_fraction")
-    need(
-        not f.checkpoint or config.train_mode == "finetune",
+        not config.finetune.checkpoint or config.train_mode == "finetune",
         "checkpoint",
         "a released model replaces pretraining: use it with --train_mode=finetune",
     )
-    need(
-        not f.checkpoint or not 0 <= f.fine_tune_after_block <= 3,
-        "fine_tune_after_block",
-        "an imported --checkpoint backbone trains whole (-1) or stays frozen (4); "
-        f"{f.fine_tune_after_block} is not supported",
-    )
-    dist = config.distill
-    need(dist.distill_temperature > 0, "distill_temperature", "must be positive")
-    need(dist.distill_label_weight >= 0, "distill_label_weight", "must be >= 0")
-    need(
-        dist.distill_resnet_depth in (0, *RESNET_DEPTHS),
-        "distill_resnet_depth",
-        f"must be 0 or one of {RESNET_DEPTHS}",
-    )
-    need(dist.distill_width_multiplier >= 0, "distill_width_multiplier", "must be >= 0")
-    r = config.runtime
-    need(r.eval_batch_size > 0, "eval_batch_size", "must be positive")
-    need(r.keep_checkpoint_max > 0, "keep_checkpoint_max", "must be positive")
-    need(r.log_every_steps > 0, "log_every_steps", "must be positive")
-    if r.strategy == "tpu":
-        need(bool(r.tpu_name) or "TPU_NAME" in os.environ, "tpu_name", "required for TPUs")
     e = config.eval
-    need(e.min_top1 == -1 or 0 <= e.min_top1 <= 1.01, "min_top1", "must be -1 or in [0, 1.01]")
-    need(0 <= e.min_top5 <= 1.01, "min_top5", "must be in [0, 1.01]")
-    need(0 <= e.max_top1_regression <= 1, "max_top1_regression", "must be in [0, 1]")
+    need(
+        e.min_gain_over_baseline is None or registry.baseline(config) is not None,
+        "min_gain_over_baseline",
+        "compares with a baseline: add --baseline=supervised",
+    )
+    need(
+        e.push != "baseline" or registry.baseline(config) is not None,
+        "push",
+        "'baseline' pushes the baseline's model: add --baseline=supervised",
+    )
 
 
 # Where each option takes effect (the docs' flag reference); keys are field names or prefixes.
@@ -652,11 +673,11 @@ USED_BY: dict[str, str] = {
     "data.data_format": "pipeline/pipeline.py",
     "data.train_split": "pipeline/pipeline.py (Transform, Trainer)",
     "data.eval_split": "pipeline/pipeline.py (Transform, Trainer, Evaluator)",
-    "data.labels_file": "pipeline/image_example_gen/executor.py",
-    "data.unlabeled_dir": "pipeline/pipeline.py, pipeline/image_example_gen/executor.py",
-    "data.max_bad_fraction": "pipeline/image_example_gen/executor.py",
-    "data.max_images_per_class": "pipeline/image_example_gen/executor.py",
-    "data.drop_empty_class_folders": "pipeline/image_example_gen/executor.py",
+    "data.labels_file": "pipeline/components/image_example_gen/executor.py",
+    "data.unlabeled_dir": "pipeline/pipeline.py, pipeline/components/image_example_gen/executor.py",
+    "data.max_bad_fraction": "pipeline/components/image_example_gen/executor.py",
+    "data.max_images_per_class": "pipeline/components/image_example_gen/executor.py",
+    "data.drop_empty_class_folders": "pipeline/components/image_example_gen/executor.py",
     "data.image_size": "models/augment.py, models/model.py",
     "data.stored_image_size": "transform/preprocessing.py",
     "data.image_format": "transform/preprocessing.py",
@@ -692,6 +713,10 @@ USED_BY: dict[str, str] = {
     "finetune.": "models/tasks/finetune.py",
     "distill.distill": "pipeline/pipeline.py",
     "distill.": "models/tasks/distill.py, models/loss.py",
+    "baseline.baseline": "pipeline/pipeline.py (Trainer, TFMA comparison)",
+    "baseline.": "models/tasks/baseline.py",
+    "eval.min_gain_over_baseline": "pipeline/pipeline.py (TFMA comparison, Cond around the Pusher)",
+    "eval.push": "pipeline/pipeline.py",
     "runtime.strategy": "models/strategy.py",
     "runtime.tpu_name": "models/strategy.py",
     "runtime.mixed_precision": "models/precision.py (auto, resolved by the runners), "
@@ -708,7 +733,7 @@ def used_by(path: str) -> str:
     """The module(s) an option lands in: the longest matching key of USED_BY."""
     section, _, name = path.partition(".")
     forms = [path]
-    if section in STAGES and name in {f.name for f in dataclasses.fields(StageConfig)}:
+    if section in registry.names() and name in {f.name for f in dataclasses.fields(StageConfig)}:
         forms.append(f"<stage>.{name}")
     matches = [k for k in USED_BY for p in forms if p == k or p.startswith(k)]
     return USED_BY[max(matches, key=len)] if matches else ""
@@ -723,7 +748,7 @@ def flag_table() -> str:
     defaults = SimCLRConfig()
     for flag, path, f, _ in flag_fields():
         shown = path.replace("<stage>", "<train_mode>")
-        default = get_path(defaults, path.replace("<stage>", "pretrain"))
+        default = get_path(defaults, default_path(path))
         rows.append(
             f"| `--{flag}` | `{shown}` | {used_by(path)} | `{default}` | {f.metadata['help']} |"
         )

@@ -1,9 +1,11 @@
 """The SimCLR TFX pipeline definition, shared by every runner.
 
-ExampleGen → StatisticsGen → SchemaGen → ExampleValidator → Transform → Trainer (pretrain) →
-Trainer (finetune, base_model = pretrain, or an imported released model) → optional Trainer
-(distill, teacher = finetune) → Evaluator (gates vs. floor and last blessed model) → Pusher (only
-when blessed). Runners differ only in where components execute.
+ExampleGen → StatisticsGen → SchemaGen → ExampleValidator → Transform → one Trainer per stage
+the run has (models/tasks/registry.py: pretrain → finetune, base_model = pretrain or an imported
+released model → optional distill, teacher = finetune; optional supervised baseline) → Evaluator
+(gates vs. floor and last blessed model) → with a baseline, the TFMA comparison of candidate and
+baseline → Pusher (only when blessed, and inside a Cond when the gain over the baseline is
+gated). Runners differ only in where components execute.
 """
 
 from __future__ import annotations
@@ -21,6 +23,15 @@ from tfx import v1 as tfx
 from tfx.components import ImportExampleGen
 from tfx.dsl.components.base.base_component import BaseComponent
 
+from models.tasks import registry
+from pipeline.components.baseline_comparison import BaselineComparison, comparison_eval_config
+from pipeline.components.image_example_gen.component import make_image_example_gen
+from pipeline.components.image_example_gen.executor import (
+    UNLABELED_SPLIT,
+    check_class_folders,
+    discover_splits,
+)
+from pipeline.components.tfrecord_example_gen import make_tfrecord_example_gen
 from pipeline.configs import (
     DATASET_CLASSES,
     UNLABELED_TFRECORD_SPLITS,
@@ -28,13 +39,7 @@ from pipeline.configs import (
     chance_floor,
     trainer_config,
 )
-from pipeline.image_example_gen.component import make_image_example_gen
-from pipeline.image_example_gen.executor import (
-    UNLABELED_SPLIT,
-    check_class_folders,
-    discover_splits,
-)
-from pipeline.tfrecord_example_gen import make_tfrecord_example_gen
+from pipeline.names import BASELINE_COMPARISON, trainer_id
 
 TRAINER_RUN_FN = "models.trainer.run_fn"
 PREPROCESSING_FN = "transform.preprocessing.preprocessing_fn"
@@ -42,11 +47,9 @@ PREPROCESSING_FN = "transform.preprocessing.preprocessing_fn"
 # path only, so the digest of that code goes into an execution property: an edited source file
 # re-runs the component (locally and on Vertex AI, whose cache keys on the same properties).
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-INGESTION_CODE = ("pipeline/image_example_gen",)
+INGESTION_CODE = ("pipeline/components/image_example_gen",)
 TRANSFORM_CODE = ("transform",)
 TRAINER_CODE = ("models", "transform")
-TOP1 = "sparse_categorical_accuracy"
-TOP5 = "sparse_top_k_categorical_accuracy"
 _TFDS_FILE = re.compile(r"-(?P<split>[A-Za-z0-9_]+)\.tfrecord(-\d+-of-\d+)?$")
 
 
@@ -67,24 +70,22 @@ class DataLayout:
 
     def stage_splits(self, stage: str) -> list[str]:
         """The ExampleGen splits a Trainer stage trains on (its epochs count over them)."""
-        if stage == "finetune" or not self.unlabeled:
-            return [self.train_split]
-        return [self.train_split, UNLABELED_SPLIT]  # pretraining and distillation
+        if registry.get(stage).reads_unlabeled and self.unlabeled:
+            return [self.train_split, UNLABELED_SPLIT]
+        return [self.train_split]
 
     def split_readers(self, config: SimCLRConfig) -> dict[str, list[str]]:
         """Split -> the pipeline steps that read it, as summaries show it."""
-        stages = ["pretrain"] if config.train_mode == "pretrain" else []
-        stages.append("finetune")
-        if config.distill.distill:
-            stages.append("distill")
         readers: dict[str, list[str]] = {}
-        for stage in stages:
-            for split in self.stage_splits(stage):
-                readers.setdefault(split, []).append(stage)
+        for stage in registry.active(config):
+            for split in self.stage_splits(stage.name):
+                readers.setdefault(split, []).append(stage.name)
         if config.train_mode == "pretrain" and config.pretrain.knn_every_epochs > 0:
             readers.setdefault(self.train_split, []).append("kNN memory bank")
             readers.setdefault(self.eval_split, []).append("kNN queries")
         readers.setdefault(self.eval_split, []).append("Evaluator")
+        if registry.baseline(config) is not None:
+            readers[self.eval_split].append(BASELINE_COMPARISON)
         return readers
 
 
@@ -251,7 +252,7 @@ class NewestArtifact(tfx.dsl.experimental.ResolverStrategy):
         return {key: sorted(items, key=lambda a: a.id)[-1:] for key, items in input_dict.items()}
 
 
-def warm_start_source(uri: str | None) -> BaseComponent:
+def warm_start_source(uri: str | None, stage: str) -> BaseComponent:
     """Where --warm_start's pretrained model comes from.
 
     Locally: the newest Model that the pretraining Trainer of this pipeline produced in an
@@ -267,7 +268,7 @@ def warm_start_source(uri: str | None) -> BaseComponent:
     return tfx.dsl.Resolver(
         strategy_class=NewestArtifact,
         model=tfx.dsl.Channel(
-            type=model, producer_component_id="pretrain_trainer", output_key="model"
+            type=model, producer_component_id=trainer_id(stage), output_key="model"
         ),
     ).with_id("warm_start_model_resolver")
 
@@ -399,6 +400,44 @@ def create_pipeline(
         ),
     )
 
+    components = [example_gen, statistics_gen, schema_gen, example_validator, transform]
+    trainers = _trainers(
+        config,
+        layout,
+        transform,
+        schema_gen,
+        pipeline_root,
+        components,
+        trainer_factory,
+        warm_start_model,
+    )
+    components += _evaluate_and_push(config, layout, example_gen, trainers, push_dir, extra_pusher)
+    return tfx.dsl.Pipeline(
+        pipeline_name=config.runner.pipeline_name,
+        pipeline_root=pipeline_root,
+        components=components,
+        enable_cache=config.runner.enable_cache,
+        metadata_connection_config=(
+            tfx.orchestration.metadata.sqlite_metadata_connection_config(metadata_path)
+            if metadata_path
+            else None
+        ),
+        beam_pipeline_args=beam_pipeline_args,
+    )
+
+
+def _trainers(
+    config: SimCLRConfig,
+    layout: DataLayout,
+    transform: BaseComponent,
+    schema_gen: BaseComponent,
+    pipeline_root: str,
+    components: list[BaseComponent],
+    trainer_factory: Callable[..., BaseComponent] | None,
+    warm_start_model: str | None,
+) -> dict[str, BaseComponent]:
+    """One Trainer per stage the run has (the registry's order), each given the model it starts
+    from; appends them, and the components that supply base models, to `components`."""
     trainer_code = code_digest(TRAINER_CODE)
 
     def trainer(stage: str, base_model=None) -> BaseComponent:
@@ -418,32 +457,47 @@ def create_pipeline(
                 "checkpoint_root": os.path.join(pipeline_root, "checkpoints"),
                 "code_digest": trainer_code,
             },
-        ).with_id(f"{stage}_trainer")
+        ).with_id(trainer_id(stage))
 
-    components = [example_gen, statistics_gen, schema_gen, example_validator, transform]
-    base_model = None
-    if config.train_mode == "pretrain":
-        warm = warm_start_source(warm_start_model) if config.pretrain.warm_start else None
-        if warm is None:
-            pretrain = trainer("pretrain")
-        else:
+    trainers: dict[str, BaseComponent] = {}
+    for stage in registry.active(config):
+        section = config.stage(stage.name)
+        base_model = None
+        if stage.base in trainers:
+            base_model = trainers[stage.base].outputs["model"]
+        elif getattr(section, "checkpoint", ""):
+            # A released SimCLR SavedModel (or one of our exports) replaces the base stage.
+            importer = tfx.dsl.Importer(
+                source_uri=section.checkpoint,
+                artifact_type=tfx.types.standard_artifacts.Model,
+            ).with_id("base_model_importer")
+            components.append(importer)
+            base_model = importer.outputs["result"]
+        elif getattr(section, "warm_start", False):
+            warm = warm_start_source(warm_start_model, stage.name)
             components.append(warm)
-            pretrain = trainer("pretrain", warm.outputs["result" if warm_start_model else "model"])
-        components.append(pretrain)
-        base_model = pretrain.outputs["model"]
-    elif config.finetune.checkpoint:
-        # A released SimCLR SavedModel (or one of our exports) replaces pretraining.
-        importer = tfx.dsl.Importer(
-            source_uri=config.finetune.checkpoint,
-            artifact_type=tfx.types.standard_artifacts.Model,
-        ).with_id("base_model_importer")
-        components.append(importer)
-        base_model = importer.outputs["result"]
-    finetune = trainer("finetune", base_model)
-    candidate = finetune
-    if config.distill.distill:
-        candidate = trainer("distill", finetune.outputs["model"])
-        components.append(finetune)
+            base_model = warm.outputs["result" if warm_start_model else "model"]
+        trainers[stage.name] = trainer(stage.name, base_model)
+        components.append(trainers[stage.name])
+    return trainers
+
+
+def _evaluate_and_push(
+    config: SimCLRConfig,
+    layout: DataLayout,
+    example_gen: BaseComponent,
+    trainers: dict[str, BaseComponent],
+    push_dir: str,
+    extra_pusher: Callable[..., BaseComponent] | None,
+) -> list[BaseComponent]:
+    """The Evaluator's gates (floor, no regression vs. the last blessed model) on the model to
+    push; with a baseline stage, the TFMA comparison of candidate and baseline, whose gain gate
+    (--min_gain_over_baseline) holds the Pusher in a Cond. Only the Evaluator writes a
+    ModelBlessing, so the latest-blessed resolver never sees the comparison's verdict."""
+    candidate = trainers[registry.candidate(config).name]
+    baseline_stage = registry.baseline(config)
+    baseline = trainers[baseline_stage.name] if baseline_stage else None
+    pushed = baseline if config.eval.push == "baseline" and baseline else candidate
     model_resolver = tfx.dsl.Resolver(
         strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
         model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
@@ -451,34 +505,48 @@ def create_pipeline(
     ).with_id("latest_blessed_model_resolver")
     evaluator = tfx.components.Evaluator(
         examples=example_gen.outputs["examples"],
-        model=candidate.outputs["model"],
+        model=pushed.outputs["model"],
         baseline_model=model_resolver.outputs["model"],
         eval_config=eval_config(config, min_top1(config, layout.num_classes)),
         example_splits=[layout.eval_split],
     )
-    pusher = tfx.components.Pusher(
-        model=candidate.outputs["model"],
-        model_blessing=evaluator.outputs["blessing"],
-        push_destination=tfx.proto.PushDestination(
-            filesystem=tfx.proto.PushDestination.Filesystem(base_directory=push_dir)
-        ),
-    )
-    components += [candidate, model_resolver, evaluator, pusher]
-    if extra_pusher is not None:
-        components.append(
-            extra_pusher(
-                model=candidate.outputs["model"], model_blessing=evaluator.outputs["blessing"]
+    components: list[BaseComponent] = [model_resolver, evaluator]
+
+    def pushers() -> list[BaseComponent]:
+        out = [
+            tfx.components.Pusher(
+                model=pushed.outputs["model"],
+                model_blessing=evaluator.outputs["blessing"],
+                push_destination=tfx.proto.PushDestination(
+                    filesystem=tfx.proto.PushDestination.Filesystem(base_directory=push_dir)
+                ),
             )
-        )
-    return tfx.dsl.Pipeline(
-        pipeline_name=config.runner.pipeline_name,
-        pipeline_root=pipeline_root,
-        components=components,
-        enable_cache=config.runner.enable_cache,
-        metadata_connection_config=(
-            tfx.orchestration.metadata.sqlite_metadata_connection_config(metadata_path)
-            if metadata_path
-            else None
-        ),
-        beam_pipeline_args=beam_pipeline_args,
-    )
+        ]
+        if extra_pusher is not None:
+            out.append(
+                extra_pusher(
+                    model=pushed.outputs["model"], model_blessing=evaluator.outputs["blessing"]
+                )
+            )
+        return out
+
+    if baseline is None:
+        return components + pushers()
+    gain = config.eval.min_gain_over_baseline
+    pushes_baseline = pushed is baseline
+    comparison = BaselineComparison(
+        examples=example_gen.outputs["examples"],
+        model=candidate.outputs["model"],
+        baseline_model=baseline.outputs["model"],
+        # Pushing the baseline asks whether it won: the candidate's gain fell short of the
+        # given margin (0 without one).
+        eval_config=comparison_eval_config(0.0 if pushes_baseline and gain is None else gain),
+        example_splits=[layout.eval_split],
+    ).with_id(BASELINE_COMPARISON)
+    components.append(comparison)
+    if gain is None and not pushes_baseline:
+        return components + pushers()
+    verdict = comparison.outputs["blessing"].future()[0].custom_property("blessed")
+    with tfx.dsl.Cond(verdict == (0 if pushes_baseline else 1)):
+        gated = pushers()
+    return components + gated

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 import dataflow_runner
-from pipeline import summary as summary_lib
+from pipeline.runner import summary as summary_lib
 from tests.imagenet_fixture import write_imagenet_fixture, write_subset_list
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -127,7 +127,7 @@ def test_beam_components_run_on_dataflow_in_the_pipeline_image(compiled):
         ):
             assert expected in args, (name, expected)
     example_gen = executors["FileBasedExampleGen_executor"]["container"]["args"]
-    assert "pipeline.image_example_gen.executor.ImageFolderExecutor" in example_gen
+    assert "pipeline.components.image_example_gen.executor.ImageFolderExecutor" in example_gen
 
 
 def test_trainers_run_on_a_vertex_tpu_worker_pool(compiled):
@@ -159,8 +159,8 @@ def test_trainers_run_on_a_vertex_tpu_worker_pool(compiled):
         else:
             assert trainer["labels"]["label_subset"].endswith("1percent.txt")
         executor = executors[f"{name}_executor"]["container"]
-        # The launcher that cancels its custom job when the step stops (pipeline/cloud_jobs.py).
-        assert "pipeline.cloud_jobs.LeasedTrainerExecutor" in executor["args"]
+        # The launcher that cancels its custom job when the step stops (pipeline/cloud/jobs.py).
+        assert "pipeline.cloud.jobs.LeasedTrainerExecutor" in executor["args"]
 
 
 def test_trainer_jobs_restart_in_place_and_checkpoint_under_the_pipeline_root(compiled):
@@ -191,10 +191,10 @@ def test_trainer_jobs_restart_in_place_and_checkpoint_under_the_pipeline_root(co
 
 
 def test_every_step_stops_its_cloud_jobs_when_it_is_stopped(compiled):
-    """Each TFX step runs TFX's entry point under pipeline/cloud_jobs.py's, which turns
+    """Each TFX step runs TFX's entry point under pipeline/cloud/jobs.py's, which turns
     SIGTERM (Vertex AI Pipelines stopping the run) into cancelling its Dataflow or Vertex job;
     Dataflow jobs carry the pipeline's label and a wall-time limit."""
-    from pipeline.cloud_jobs import STEP_COMMAND
+    from pipeline.cloud.jobs import STEP_COMMAND
 
     executors = compiled["pipelineSpec"]["deploymentSpec"]["executors"]
     containers = {name: e["container"] for name, e in executors.items() if "container" in e}
@@ -233,7 +233,7 @@ def test_trainer_replicas_compile_into_a_chief_and_worker_pool(tmp_path):
 
 
 def test_example_gen_checks_the_cache_with_the_listing_driver(compiled):
-    from pipeline.image_example_gen.driver import VERTEX_DRIVER_COMMAND
+    from pipeline.components.image_example_gen.driver import VERTEX_DRIVER_COMMAND
 
     container = compiled["pipelineSpec"]["deploymentSpec"]["executors"][
         "FileBasedExampleGen_executor"
@@ -258,7 +258,7 @@ def test_evaluator_gates_and_pushers(compiled):
     assert endpoint["undeploy_previous"] is True
     executors = compiled["pipelineSpec"]["deploymentSpec"]["executors"]
     assert (
-        "pipeline.vertex_endpoint.Executor"
+        "pipeline.components.vertex_endpoint.Executor"
         in executors["vertex_endpoint_pusher_executor"]["container"]["args"]
     )
     assert endpoint["ai_platform_serving_args"]["endpoint_name"] == "simclr-r50"
@@ -321,7 +321,7 @@ def test_submit_without_credentials_fails_in_one_line(tmp_path):
         "kfp.pipeline_spec", reason="compiling for Vertex AI needs kfp-pipeline-spec"
     )
     # TensorFlow's own log level as a user has it: the console filter, not TF_CPP_MIN_LOG_LEVEL,
-    # keeps its CUDA factory-registration lines off the console (pipeline/console.py).
+    # keeps its CUDA factory-registration lines off the console (pipeline/runner/console.py).
     env = {k: v for k, v in clean_env(tmp_path).items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     result = run_runner(CLOUD_ARGS + ["--pipeline_json=job.json", "--submit"], tmp_path, env)
     assert result.returncode == 1
@@ -337,8 +337,7 @@ def _xla_step(resnet_depth: int, width: float, stage: str):
     from models.model import SimCLRModel
     from models.optimizers import build_optimizer
     from models.strategy import set_precision
-    from models.tasks import finetune, pretrain
-    from models.tasks.base import make_metrics
+    from models.tasks import TASKS
     from pipeline import configs
 
     config = configs.build_config(
@@ -358,16 +357,13 @@ def _xla_step(resnet_depth: int, width: float, stage: str):
     optimizer = build_optimizer("lars", 0.1, 0.9, 1e-6)
     images = tf.random.uniform([2, size, size, 3], seed=1)
     labels = tf.constant([3, 7], tf.int64)
+    # The step reads only the task's config; no input files are needed for it.
+    task = TASKS[stage].without_inputs(trainer)
+    metrics = task.build_metrics()
+    step = task.train_step(model, optimizer, metrics)
     if stage == "pretrain":
-        metrics = pretrain.pretrain_metrics()
-        step = pretrain.contrastive_step(model, optimizer, metrics, trainer.train)
         args = (images, tf.image.flip_left_right(images), labels)
     else:
-        metrics = make_metrics(finetune.METRIC_NAMES)
-        # The step reads only the task's weight decay; no input files are needed for that.
-        task = finetune.FinetuneTask.__new__(finetune.FinetuneTask)
-        task.config = trainer
-        step = finetune.supervised_step(model, optimizer, metrics, task)
         args = (images, labels)
     # As the training loop does with --jit_compile; XLA rejects any op it cannot compile.
     tf.function(step, jit_compile=True)(*args)
@@ -484,3 +480,26 @@ def test_local_imagenet_rehearsal(tmp_path):
         (pathlib.Path(run.model_run_uris["pretrain"]) / "results.json").read_text()
     )
     assert results["num_train_examples"] == 12
+
+
+def test_the_baseline_comparison_and_gain_gate_compile_for_vertex(tmp_path):
+    """--baseline with a gain gate: the baseline Trainer runs on Vertex AI like the others, the
+    comparison on Dataflow, and both pushers only when the comparison's verdict says so."""
+    pytest.importorskip(
+        "kfp.pipeline_spec", reason="compiling for Vertex AI needs kfp-pipeline-spec"
+    )
+    out = tmp_path / "job.json"
+    args = [*CLOUD_ARGS, "--baseline=supervised", "--min_gain_over_baseline=0.02"]
+    assert dataflow_runner.main(args + [f"--pipeline_json={out}", "--compile_only"]) == 0
+    spec = json.loads(out.read_text())["pipelineSpec"]
+    tasks = spec["root"]["dag"]["tasks"]
+    custom = _param(tasks["baseline_trainer"], "custom_config")
+    assert custom["ai_platform_training_args"]["job_spec"]["worker_pool_specs"]
+    executors = spec["deploymentSpec"]["executors"]
+    assert (
+        "--runner=DataflowRunner" in executors["baseline_comparison_executor"]["container"]["args"]
+    )
+    for pusher in ("Pusher", "vertex_endpoint_pusher"):
+        condition = tasks[pusher]["triggerPolicy"]["condition"]
+        assert "baseline_comparison" in condition and "blessed" in condition
+    assert "triggerPolicy" not in tasks["Evaluator"]

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from models import precision
-from pipeline import summary as summary_lib
+from pipeline.runner import summary as summary_lib
 from tests import pipeline_runs
 from tests.pipeline_runs import PRETRAIN_STEPS, run_pipeline
 
@@ -222,7 +222,7 @@ def write_tfds_style(root: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
 def test_tfrecords_supervised_then_degraded_candidate_is_blocked(tmp_path):
     """TFDS-style TFRecords via ImportExampleGen, --train_mode=finetune, and the regression gate:
     a zero-initialized head trained with learning rate 0 must not replace the pushed model."""
-    from pipeline.digits import write_digits_dataset
+    from pipeline.runner.digits import write_digits_dataset
 
     data = write_tfds_style(write_digits_dataset(tmp_path / "digits"), tmp_path / "tfrecords")
     out = tmp_path / "out"

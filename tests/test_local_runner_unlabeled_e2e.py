@@ -19,8 +19,8 @@ import shutil
 
 import pytest
 
-from pipeline import summary as summary_lib
-from pipeline.report import read_anomalies
+from pipeline.runner import summary as summary_lib
+from pipeline.runner.report import read_anomalies
 from tests.pipeline_runs import run_pipeline
 
 UNLABELED_SHARE = 0.8
@@ -46,7 +46,7 @@ def split_digits(root: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     """The digits tree with 80% of every train class moved to `<root>/data/unlabeled/`: the
     first half of the moved files straight in the pool, the rest two folders deep under a
     folder named like a class (which must not become a label)."""
-    from pipeline.digits import write_digits_dataset
+    from pipeline.runner.digits import write_digits_dataset
 
     data = write_digits_dataset(root / "data")
     (data / "DATASET.json").unlink()  # the tree no longer is the generated one
@@ -134,7 +134,11 @@ def test_unlabeled_dir_elsewhere(digits_pool):
         (labeled_only / split).symlink_to(data / split)
     out = root / "out_elsewhere"
     args = [*TINY, f"--unlabeled_dir={pool}", f"--model_dir={out}", "--train_steps=3"]
-    result = run_pipeline([*args, f"--data_dir={labeled_only}"])
+    # With the supervised baseline and a gain gate the candidate cannot meet (3 pretraining
+    # steps): the comparison is made, the gate fails with its reason, and nothing is pushed.
+    baseline = ["--baseline=supervised", "--baseline_train_batch_size=32"]
+    gated = [*baseline, "--min_gain_over_baseline=0.6"]
+    result = run_pipeline([*args, *gated, f"--data_dir={labeled_only}"])
     assert result.returncode == 0, result.stderr[-3000:]
     run = summary_lib.latest_run(str(out / "metadata.sqlite"))
     labeled, unlabeled = counts["train"], counts["unlabeled"]
@@ -145,6 +149,22 @@ def test_unlabeled_dir_elsewhere(digits_pool):
     assert pretrain["num_unlabeled_train_examples"] == unlabeled
     assert _results(run, "finetune")["num_train_examples"] == labeled
     assert run.split_readers["unlabeled"] == ["pretrain_trainer"]
+    check_baseline_comparison(run, result.stdout, labeled, gate_passed=False)
+
+    # The same command without the gate: the Trainers come from the cache, the comparison is
+    # made again (its config changed), the candidate is blessed and pushed, and the report
+    # shows both models side by side.
+    again = run_pipeline([*args, *baseline, f"--data_dir={labeled_only}"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    run = summary_lib.latest_run(str(out / "metadata.sqlite"))
+    assert {"pretrain_trainer", "finetune_trainer", "baseline_trainer"} <= set(run.cached)
+    assert "baseline_comparison" not in run.cached
+    check_baseline_comparison(run, again.stdout, labeled, gate_passed=None)
+    assert run.pushed and run.blessed
+    [report] = re.findall(r"^report: (.+)$", again.stdout, re.M)
+    html = pathlib.Path(report).read_text()
+    assert "Candidate vs. supervised baseline" in html
+    assert f"{run.comparison.baseline_top1:.4f}" in html
 
     # Labels in the eval split only: refused in one line before any component runs.
     eval_only = root / "eval_only"
@@ -156,6 +176,32 @@ def test_unlabeled_dir_elsewhere(digits_pool):
     [line] = [x for x in refused.stderr.splitlines() if x.startswith("error:")]
     assert line.startswith("error: --train_split: the only labeled images are the eval split")
     assert not (refused_out / "pipeline").exists()
+
+
+def check_baseline_comparison(
+    run: summary_lib.RunSummary, stdout: str, labeled: int, gate_passed: bool | None
+) -> None:
+    """The baseline read the labeled train split only, for as many steps as pretraining and
+    fine-tuning took; the comparison's numbers agree with each other and the Evaluator's."""
+    baseline = _results(run, "baseline")
+    assert baseline["num_train_examples"] == labeled
+    assert baseline["num_unlabeled_train_examples"] == 0
+    assert baseline["matched_steps"] == {"pretrain": 3, "finetune": 2}
+    assert baseline["total_steps"] == 5
+    readers = ["baseline_trainer", "finetune_trainer", "pretrain_trainer"]
+    assert sorted(run.split_readers["train"]) == readers
+    c = run.comparison
+    assert c is not None and c.examples == run.example_count
+    assert c.candidate_top1 == pytest.approx(run.top1, abs=1e-6)  # the same model and examples
+    assert c.top1_gain == pytest.approx(c.candidate_top1 - c.baseline_top1, abs=1e-6)
+    assert c.gate_passed is gate_passed
+    line = f"vs. supervised baseline on {c.examples} eval examples: candidate top-1"
+    assert line in stdout
+    assert "compute: candidate 5 steps" in stdout and "baseline 5 steps" in stdout
+    if gate_passed is False:
+        assert "gain gate: FAILED: " in stdout
+        assert "pushed model: nothing pushed" in stdout
+        assert not run.pushed
 
 
 def _png(seed: int) -> bytes:

@@ -1,15 +1,17 @@
 """What every Trainer stage shares: its data view, optimizer and gradient plumbing.
 
-A stage is a `Task` (the Task pattern of TF Model Garden's SimCLR project): it builds its model,
-its input pipeline and its replica step, and names its metrics; `models/driver.py` runs any task
-under a strategy with checkpoints, evaluation and export.
+A stage is a `Task` (the Task pattern of TF Model Garden's SimCLR project): it builds its model
+and its input pipeline, names its loss terms and metrics, and the base class turns those into the
+one replica step every stage trains with; `models/driver.py` runs any task under a strategy with
+checkpoints, evaluation and export.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 import tensorflow as tf
@@ -40,11 +42,21 @@ class StageInputs:
 
 
 class Task:
-    """One Trainer stage. Subclasses set `metric_names` and implement the `build_*` methods."""
+    """One Trainer stage. Subclasses implement `losses` and the `build_*` methods and set:
+
+    - `loss_weights`: which of `losses`' terms train the model, and with what weight;
+    - `metric_names`: everything recorded (each term, plus the step's `total_loss` and
+      `weight_decay`), in the order summaries and the progress line list them;
+    - `progress_metrics`: those of them the progress line shows.
+    """
 
     metric_names: tuple[str, ...] = ()
+    progress_metrics: tuple[str, ...] = ()
+    loss_weights: Mapping[str, float] = MappingProxyType({})
     # Whether the supervised head is evaluated on the eval split after training.
     evaluates = True
+    # Whether the stage trains toward labels (warned about when it barely trains).
+    supervised = True
 
     def __init__(self, config: TrainerConfig, inputs: StageInputs, num_replicas: int = 1):
         self.config = config
@@ -72,6 +84,14 @@ class Task:
             self.num_examples, self.batch_size, self.train_epochs, t.train_steps
         )
         self.epoch_steps = data_lib.steps_per_epoch(self.num_examples, self.batch_size)
+
+    @classmethod
+    def without_inputs(cls, config: TrainerConfig) -> Task:
+        """The task's model and step from its config alone, reading no input files (benchmarks
+        and tests of the step); what needs the data (inputs, counts, schedule) is unavailable."""
+        task = cls.__new__(cls)
+        task.config = config
+        return task
 
     # ----- data -----
     def _recipe_epochs(self, train_split_size: int) -> int:
@@ -178,10 +198,17 @@ class Task:
     def build_inputs(self, ctx: tf.distribute.InputContext, skip: int) -> tf.data.Dataset:
         raise NotImplementedError
 
-    def train_step(
-        self, model: SimCLRModel, optimizer: keras.optimizers.Optimizer, metrics: dict
-    ) -> Callable:
+    def losses(
+        self, model: SimCLRModel, batch: tuple[tf.Tensor, ...], training: bool
+    ) -> dict[str, tf.Tensor]:
+        """Named scalar terms of one replica batch: those in `loss_weights` are trained on, the
+        others (accuracies, entropies) are only recorded. Runs inside the gradient tape."""
         raise NotImplementedError
+
+    def prepare(self, batch: tuple[tf.Tensor, ...]) -> tuple[tf.Tensor, ...]:
+        """The batch `losses` receives; work here stays outside the gradient tape (a teacher's
+        forward pass)."""
+        return batch
 
     def monitor(self, model: SimCLRModel, checkpoint_every: int) -> knn.KnnMonitor | None:
         """An `on_checkpoint` callback for the loop (pretraining's kNN monitor), or None."""
@@ -204,7 +231,7 @@ class Task:
             f"({self.num_examples - unlabeled} labeled, {unlabeled} unlabeled)",
             flush=True,
         )
-        if stage != "pretrain" and self.total_steps < FEW_STEPS:
+        if self.supervised and self.total_steps < FEW_STEPS:
             print(
                 f"warning: {stage}: only {self.total_steps} training steps; a supervised stage "
                 f"needs about {FEW_STEPS} or more to move far from its starting point",
@@ -220,6 +247,7 @@ class Task:
             log_every=rt.log_every_steps,
             global_batch_size=self.batch_size,
             keep_checkpoint_max=rt.keep_checkpoint_max,
+            progress_metrics=self.progress_metrics,
             jit_compile=rt.jit_compile,
         )
 
@@ -254,6 +282,46 @@ class Task:
     def weight_decay(self, model: keras.Model) -> tf.Tensor:
         t = self.config.train
         return weight_decay_loss(model.trainable_variables, t.weight_decay, t.optimizer)
+
+    def train_step(
+        self,
+        model: SimCLRModel,
+        optimizer: keras.optimizers.Optimizer,
+        metrics: dict[str, keras.metrics.Mean],
+    ) -> Callable[..., None]:
+        """The replica step of every stage, called with one element of the stage's dataset:
+        total_loss = the weighted sum of the `loss_weights` terms + weight decay; every term is
+        recorded unweighted under its own name, with `total_loss` and `weight_decay`."""
+        stage, weights = self.config.stage, dict(self.loss_weights)
+        if not weights:
+            raise ValueError(f"{stage}: loss_weights names no loss to train on")
+        missing = [n for n in ("total_loss", "weight_decay", *weights) if n not in metrics]
+        if missing:
+            raise ValueError(f"{stage}: no metric records {', '.join(missing)}")
+
+        def step(*batch: tf.Tensor) -> None:
+            batch = self.prepare(batch)
+            with tf.GradientTape() as tape:
+                terms = self.losses(model, batch, training=True)
+                unrecorded = sorted(set(weights) - set(terms)) + sorted(set(terms) - set(metrics))
+                if unrecorded:
+                    raise ValueError(
+                        f"{stage}: losses() and metric_names disagree on {', '.join(unrecorded)}"
+                    )
+                wd = self.weight_decay(model)
+                total = weighted_sum(terms, weights) + wd
+                scaled = scale_loss(optimizer, total)
+            apply_gradients(tape, scaled, model, optimizer)
+            record(metrics, total_loss=total, weight_decay=wd, **terms)
+
+        return step
+
+
+def weighted_sum(terms: Mapping[str, tf.Tensor], weights: Mapping[str, float]) -> tf.Tensor:
+    """Sum of weight * term over `weights`, in their order (a weight of 1 leaves its term as it
+    is)."""
+    parts = [terms[n] if w == 1.0 else w * terms[n] for n, w in weights.items()]
+    return sum(parts[1:], parts[0])
 
 
 def make_metrics(names: tuple[str, ...]) -> dict[str, keras.metrics.Mean]:

@@ -8,7 +8,7 @@ The protocols' recipes are the stage's defaults and live with its config schema
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from types import MappingProxyType
 
 import numpy as np
 import tensorflow as tf
@@ -16,35 +16,16 @@ import tensorflow as tf
 from models import export
 from models.loss import supervised_loss
 from models.model import SavedModelBackbone, SimCLRModel, import_projection_head
-from models.tasks.base import Task, apply_gradients, record, scale_loss
+from models.tasks.base import Task
 
 METRIC_NAMES = ("total_loss", "supervised_loss", "supervised_acc", "weight_decay")
-
-
-def supervised_step(model, optimizer, metrics, task: Task) -> Callable:
-    """Replica step: cross-entropy of the supervised head."""
-
-    def step(images: tf.Tensor, labels: tf.Tensor) -> None:
-        with tf.GradientTape() as tape:
-            outputs = model(images, training=True)
-            sup_loss, sup_acc = supervised_loss(labels, outputs["logits_sup"])
-            wd = task.weight_decay(model)
-            loss = sup_loss + wd
-            scaled = scale_loss(optimizer, loss)
-        apply_gradients(tape, scaled, model, optimizer)
-        record(
-            metrics,
-            total_loss=loss,
-            supervised_loss=sup_loss,
-            supervised_acc=sup_acc,
-            weight_decay=wd,
-        )
-
-    return step
+PROGRESS_METRICS = ("total_loss", "supervised_acc")
 
 
 class FinetuneTask(Task):
     metric_names = METRIC_NAMES
+    progress_metrics = PROGRESS_METRICS
+    loss_weights = MappingProxyType({"supervised_loss": 1.0})
 
     def training_keys(self) -> np.ndarray | None:
         if self.labeled_keys is None and (self.all_labels < 0).any():
@@ -100,5 +81,11 @@ class FinetuneTask(Task):
     def build_inputs(self, ctx: tf.distribute.InputContext, skip: int) -> tf.data.Dataset:
         return self.dataset(ctx, skip, contrastive=False, keep_keys=self.labeled_keys)
 
-    def train_step(self, model, optimizer, metrics) -> Callable:
-        return supervised_step(model, optimizer, metrics, self)
+    def losses(
+        self, model: SimCLRModel, batch: tuple[tf.Tensor, ...], training: bool
+    ) -> dict[str, tf.Tensor]:
+        """Cross-entropy of the supervised head."""
+        images, labels = batch
+        outputs = model(images, training=training)
+        sup_loss, sup_acc = supervised_loss(labels, outputs["logits_sup"])
+        return {"supervised_loss": sup_loss, "supervised_acc": sup_acc}

@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import tensorflow as tf
-import tf_keras as keras
 
 from models import data as data_lib
 from models import export, knn
-from models.config import PretrainConfig, TrainerConfig
+from models.config import TrainerConfig
 from models.loss import contrastive_metrics, nt_xent_loss, partially_labeled_loss
 from models.model import SimCLRModel
-from models.optimizers import weight_decay_loss
 from models.schedule import total_train_steps
-from models.tasks.base import (
-    StageInputs,
-    Task,
-    apply_gradients,
-    make_metrics,
-    record,
-    scale_loss,
-)
+from models.tasks.base import StageInputs, Task
 
 METRIC_NAMES = (
     "total_loss",
@@ -32,45 +21,7 @@ METRIC_NAMES = (
     "supervised_acc",
     "weight_decay",
 )
-
-
-def contrastive_step(
-    model: keras.Model,
-    optimizer: keras.optimizers.Optimizer,
-    metrics: dict[str, keras.metrics.Mean],
-    train: PretrainConfig,
-) -> Callable:
-    """Replica step: contrastive loss on two views (+ the linear probe on stop-gradient)."""
-
-    def step(view1: tf.Tensor, view2: tf.Tensor, labels: tf.Tensor) -> None:
-        images = tf.concat([view1, view2], axis=0)
-        with tf.GradientTape() as tape:
-            outputs = model(images, training=True)
-            hidden = tf.cast(outputs["proj_head_output"], tf.float32)
-            con = nt_xent_loss(hidden, temperature=train.temperature, hidden_norm=train.hidden_norm)
-            loss = con.loss
-            if train.lineareval_while_pretraining:
-                # Only images with a label train the probe; the unlabeled pool's carry -1.
-                sup_loss, sup_acc = partially_labeled_loss(
-                    tf.concat([labels, labels], 0), outputs["logits_sup"]
-                )
-                loss += sup_loss
-                record(metrics, supervised_loss=sup_loss, supervised_acc=sup_acc)
-            wd = weight_decay_loss(model.trainable_variables, train.weight_decay, train.optimizer)
-            loss += wd
-            scaled = scale_loss(optimizer, loss)
-        apply_gradients(tape, scaled, model, optimizer)
-        # As the reference logs them: over view-1 anchors against the view-2 block only.
-        half = tf.shape(con.logits)[1] // 2
-        stats = contrastive_metrics(con.logits[:, :half], con.labels[:, :half])
-        record(metrics, total_loss=loss, contrast_loss=con.loss, weight_decay=wd, **stats)
-
-    return step
-
-
-def pretrain_metrics() -> dict[str, keras.metrics.Mean]:
-    """The step's metrics (create them inside the strategy scope)."""
-    return make_metrics(METRIC_NAMES)
+PROGRESS_METRICS = ("total_loss", "contrast_loss", "contrast_acc", "supervised_acc")
 
 
 class PretrainTask(Task):
@@ -78,6 +29,8 @@ class PretrainTask(Task):
     starts from it, on a fresh schedule of `warm_start_epochs`; otherwise from scratch."""
 
     metric_names = METRIC_NAMES
+    supervised = False
+    progress_metrics = PROGRESS_METRICS
 
     def __init__(self, config: TrainerConfig, inputs: StageInputs, num_replicas: int = 1):
         super().__init__(config, inputs, num_replicas)
@@ -131,8 +84,34 @@ class PretrainTask(Task):
     def build_inputs(self, ctx: tf.distribute.InputContext, skip: int) -> tf.data.Dataset:
         return self.dataset(ctx, skip, contrastive=True)
 
-    def train_step(self, model, optimizer, metrics) -> Callable:
-        return contrastive_step(model, optimizer, metrics, self.config.train)
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        """The contrastive loss, plus the online probe's (on stop-gradient features) when on."""
+        weights = {"contrast_loss": 1.0}
+        if self.config.train.lineareval_while_pretraining:
+            weights["supervised_loss"] = 1.0
+        return weights
+
+    def losses(
+        self, model: SimCLRModel, batch: tuple[tf.Tensor, ...], training: bool
+    ) -> dict[str, tf.Tensor]:
+        """NT-Xent on the two views stacked as [view1; view2] (+ the probe's cross-entropy)."""
+        view1, view2, labels = batch
+        t = self.config.train
+        outputs = model(tf.concat([view1, view2], axis=0), training=training)
+        hidden = tf.cast(outputs["proj_head_output"], tf.float32)
+        con = nt_xent_loss(hidden, temperature=t.temperature, hidden_norm=t.hidden_norm)
+        # As the reference logs them: over view-1 anchors against the view-2 block only.
+        half = tf.shape(con.logits)[1] // 2
+        logits = tf.stop_gradient(con.logits[:, :half])
+        terms = {"contrast_loss": con.loss, **contrastive_metrics(logits, con.labels[:, :half])}
+        if t.lineareval_while_pretraining:
+            # Only images with a label train the probe; the unlabeled pool's carry -1.
+            sup_loss, sup_acc = partially_labeled_loss(
+                tf.concat([labels, labels], 0), outputs["logits_sup"]
+            )
+            terms.update(supervised_loss=sup_loss, supervised_acc=sup_acc)
+        return terms
 
     def monitor(self, model: SimCLRModel, checkpoint_every: int) -> knn.KnnMonitor | None:
         every = self.config.train.knn_every_epochs

@@ -193,9 +193,9 @@ def test_each_arm_is_configured_as_the_command_line_configures_it(bench):
     assert tuned.train.fine_tune_after_block == -1 and tuned.model.ft_proj_selector == 1
     assert tuned.labels.label_fraction == 0.01
 
-    scratch = bench.supervised(200, 0.01)
-    assert scratch.train.finetune_protocol == "supervised" and scratch.train.train_steps == 200
-    assert scratch.train.fine_tune_after_block == -1 and not scratch.train.zero_init_logits_layer
+    scratch = bench.supervised(200, 0.01)  # the pipeline's supervised baseline stage
+    assert scratch.stage == "baseline" and scratch.train.train_steps == 200
+    assert scratch.train.baseline_budget == "epochs" and not scratch.matched
     assert scratch.model.ft_proj_selector == 0 and scratch.labels.label_fraction == 0.01
     assert scratch.train.optimizer == "momentum" and scratch.train.weight_decay == 5e-4
     # 5% of the steps warm up, counted in epochs of the batch the Trainer fits to 10 examples.

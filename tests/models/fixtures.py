@@ -160,6 +160,21 @@ def tiny_config(cifar_dir: pathlib.Path, **overrides) -> SimCLRConfig:
     return config
 
 
+def step_task(train, stage: str = "pretrain"):
+    """The `stage` task with `train` (a StageConfig) and default other sections, for running its
+    step on hand-made batches (no input files)."""
+    from models import config as mc
+    from models.tasks.distill import DistillTask
+    from models.tasks.finetune import FinetuneTask
+    from models.tasks.pretrain import PretrainTask
+
+    tasks = {"pretrain": PretrainTask, "finetune": FinetuneTask, "distill": DistillTask}
+    trainer = mc.TrainerConfig(
+        stage, mc.InputConfig(), mc.AugmentConfig(), mc.ModelConfig(), train, mc.RuntimeConfig()
+    )
+    return tasks[stage].without_inputs(trainer)
+
+
 def run_stage(config: SimCLRConfig, stage: str, **kwargs) -> dict[str, float]:
     """Runs one Trainer stage of `config` the way the pipeline configures it."""
     from models.driver import run_stage as drive

@@ -50,12 +50,23 @@ def _batch(seed: int, size: int = GLOBAL_BATCH) -> tuple[np.ndarray, np.ndarray,
     return view1, view2, labels
 
 
-def _step_fn(model, optimizer, metrics):
-    from models.config import PretrainConfig
-    from models.tasks.pretrain import contrastive_step
+def _task():
+    """The pretraining task, for its step alone."""
+    from models import config as mc
+    from models.tasks.pretrain import PretrainTask
 
-    train = PretrainConfig(temperature=TEMPERATURE, weight_decay=WEIGHT_DECAY, optimizer="momentum")
-    return contrastive_step(model, optimizer, metrics, train)
+    train = mc.PretrainConfig(
+        temperature=TEMPERATURE, weight_decay=WEIGHT_DECAY, optimizer="momentum"
+    )
+    trainer = mc.TrainerConfig(
+        "pretrain",
+        mc.InputConfig(),
+        mc.AugmentConfig(),
+        mc.ModelConfig(),
+        train,
+        mc.RuntimeConfig(),
+    )
+    return PretrainTask.without_inputs(trainer)
 
 
 def _one_step(strategy, global_bn: bool, init_weights: list[np.ndarray]) -> dict:
@@ -67,15 +78,14 @@ def _one_step(strategy, global_bn: bool, init_weights: list[np.ndarray]) -> dict
     import tensorflow as tf
     import tf_keras as keras
 
-    from models.tasks.pretrain import pretrain_metrics
-
+    task = _task()
     with strategy.scope():
         model = _model(global_bn)
         model.set_weights(init_weights)
         optimizer = keras.optimizers.SGD(1.0)
-        metrics = pretrain_metrics()
+        metrics = task.build_metrics()
     before = [v.numpy() for v in model.trainable_variables]
-    step_fn = _step_fn(model, optimizer, metrics)
+    step_fn = task.train_step(model, optimizer, metrics)
     replicas = strategy.num_replicas_in_sync
     b = GLOBAL_BATCH // replicas
     arrays = _batch(seed=0)
@@ -160,15 +170,15 @@ def _worker_main(index: int, ports: list[int], out_dir: str) -> None:
     from models import train_loop
     from models.optimizers import build_optimizer
     from models.strategy import make_strategy, worker_dirs
-    from models.tasks.pretrain import pretrain_metrics
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
     strategy = make_strategy("multi_worker")
     tf.keras.utils.set_random_seed(index)
+    task = _task()
     with strategy.scope():
         model = _model(global_bn=True)
         optimizer = build_optimizer("lars", 0.5, momentum=0.9, weight_decay=1e-4)
-        metrics = pretrain_metrics()
+        metrics = task.build_metrics()
     init = model.get_weights()
 
     def make_dataset(ctx: tf.distribute.InputContext, skip: int) -> tf.data.Dataset:
@@ -188,12 +198,13 @@ def _worker_main(index: int, ports: list[int], out_dir: str) -> None:
         log_every=1,
         global_batch_size=GLOBAL_BATCH,
         keep_checkpoint_max=1,
+        progress_metrics=task.progress_metrics,
     )
     step = train_loop.run(
         strategy,
         model,
         optimizer,
-        _step_fn(model, optimizer, metrics),
+        task.train_step(model, optimizer, metrics),
         make_dataset,
         metrics,
         settings,

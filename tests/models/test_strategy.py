@@ -19,7 +19,6 @@ from models.strategy import (
     set_precision,
     wrap_optimizer,
 )
-from models.tasks.pretrain import contrastive_step, pretrain_metrics
 from tests.models import fixtures
 
 
@@ -99,9 +98,9 @@ def _pretrain_steps(dtype: str, steps: int) -> dict:
     tf.keras.utils.set_random_seed(0)
     model = _tiny_model()
     optimizer = wrap_optimizer(build_optimizer("lars", 0.5, 0.9, 1e-4), dtype)
-    metrics = pretrain_metrics()
-    train = PretrainConfig(temperature=0.5, weight_decay=1e-4, optimizer="lars")
-    step = tf.function(contrastive_step(model, optimizer, metrics, train))
+    task = fixtures.step_task(PretrainConfig(temperature=0.5, weight_decay=1e-4, optimizer="lars"))
+    metrics = task.build_metrics()
+    step = tf.function(task.train_step(model, optimizer, metrics))
     rng = np.random.default_rng(0)
     view1 = rng.uniform(size=(8, 16, 16, 3)).astype(np.float32)
     view2 = np.clip(view1 + rng.normal(scale=0.05, size=view1.shape), 0, 1).astype(np.float32)

@@ -13,9 +13,24 @@ import types
 import numpy as np
 import pytest
 import tensorflow as tf
+import tf_keras as keras
 
-from models.config import semi_supervised_epochs
+from models.config import (
+    AugmentConfig,
+    DistillConfig,
+    InputConfig,
+    ModelConfig,
+    PretrainConfig,
+    RuntimeConfig,
+    StageConfig,
+    TrainerConfig,
+    semi_supervised_epochs,
+)
 from models.tasks import TASKS, StageInputs
+from models.tasks.base import Task
+from models.tasks.distill import DistillTask
+from models.tasks.finetune import FinetuneTask
+from models.tasks.pretrain import PretrainTask
 from pipeline.configs import build_config, trainer_config
 
 NUM_CLASSES = 10
@@ -142,3 +157,201 @@ def test_the_knn_memory_bank_is_the_labeled_train_split_only(tmp_path):
     task = _task("pretrain", flags, files, ["train", "unlabeled"])
     monitor = task.monitor(types.SimpleNamespace(image_size=32), checkpoint_every=1)
     assert monitor.train_files == [files["train"]] and monitor.eval_files == [files["test"]]
+
+
+# ----- the one training step every stage shares (`Task.train_step`) -----
+
+
+class _Linear(keras.Model):
+    """logits = images (flattened) @ w: small enough to differentiate by hand."""
+
+    def __init__(self, w: np.ndarray):
+        super().__init__()
+        self.w = tf.Variable(w, dtype=tf.float32)
+
+    def call(self, images, training=False):
+        flat = tf.reshape(images, [tf.shape(images)[0], -1])
+        out = flat @ self.w
+        return {"logits_sup": out, "proj_head_output": out}
+
+
+class _Toy(Task):
+    """Two weighted terms, a differentiable one that is only recorded, and an accuracy."""
+
+    metric_names = ("total_loss", "mse", "mean", "monitor", "acc", "weight_decay")
+    progress_metrics = ("total_loss", "acc")
+    loss_weights = types.MappingProxyType({"mse": 1.0, "mean": 0.25})
+
+    def losses(self, model, batch, training):
+        x, y = batch
+        pred = model(x, training=training)["logits_sup"][:, 0]
+        return {
+            "mse": tf.reduce_mean((pred - y) ** 2),
+            "mean": tf.reduce_mean(pred),
+            "monitor": 100.0 * tf.reduce_sum(model.w**2),  # would dominate if it were trained on
+            "acc": tf.reduce_mean(tf.cast(pred > 0, tf.float32)),
+        }
+
+
+def _step_config(stage: str, train):
+    return TrainerConfig(
+        stage, InputConfig(), AugmentConfig(), ModelConfig(), train, RuntimeConfig()
+    )
+
+
+def _step(task: Task, model, lr: float, *batch) -> dict[str, float]:
+    metrics = task.build_metrics()
+    optimizer = keras.optimizers.SGD(lr)
+    tf.function(task.train_step(model, optimizer, metrics), autograph=False)(*batch)
+    return {n: float(m.result()) for n, m in metrics.items() if m.count.numpy() > 0}
+
+
+def test_the_step_is_one_sgd_update_on_the_weighted_terms_plus_weight_decay():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 3)).astype(np.float32)
+    y = rng.normal(size=6).astype(np.float32)
+    w = rng.normal(size=(3, 1)).astype(np.float32)
+    lr, wd = 0.1, 0.3
+    task = _Toy.without_inputs(
+        _step_config("toy", StageConfig(weight_decay=wd, optimizer="momentum"))
+    )
+    model = _Linear(w)
+    recorded = _step(task, model, lr, tf.constant(x), tf.constant(y))
+
+    x64, y64, w64 = x.astype(np.float64), y.astype(np.float64), w[:, 0].astype(np.float64)
+    pred = x64 @ w64
+    mse, mean, decay = np.mean((pred - y64) ** 2), np.mean(pred), wd * np.sum(w64**2) / 2
+    grad = 2 / 6 * x64.T @ (pred - y64) + 0.25 * x64.mean(axis=0) + wd * w64
+    np.testing.assert_allclose(model.w.numpy()[:, 0], w64 - lr * grad, rtol=1e-5, atol=1e-6)
+    expected = {
+        "total_loss": mse + 0.25 * mean + decay,
+        "mse": mse,
+        "mean": mean,  # recorded unweighted
+        "monitor": 100.0 * np.sum(w64**2),
+        "acc": np.mean(pred > 0),
+        "weight_decay": decay,
+    }
+    assert recorded == pytest.approx(expected, rel=1e-5)
+    assert list(recorded) == list(_Toy.metric_names)
+
+
+def test_a_step_whose_terms_and_metrics_disagree_stops_in_one_line():
+    class Unweighted(_Toy):
+        loss_weights = types.MappingProxyType({})
+
+    class Unrecorded(_Toy):
+        metric_names = ("total_loss", "mse", "mean", "acc", "weight_decay")
+
+    config = _step_config("toy", StageConfig(weight_decay=0.0, optimizer="momentum"))
+    batch = (tf.zeros([2, 3]), tf.zeros([2]))
+    with pytest.raises(ValueError, match="^toy: loss_weights names no loss to train on$"):
+        _step(Unweighted.without_inputs(config), _Linear(np.ones([3, 1])), 0.1, *batch)
+    with pytest.raises(ValueError, match="^toy: losses.. and metric_names disagree on monitor$"):
+        _step(Unrecorded.without_inputs(config), _Linear(np.ones([3, 1])), 0.1, *batch)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_distillation_weights_the_label_loss_in_the_total_only():
+    rng = np.random.default_rng(1)
+    k, temperature, label_weight, lr = 4, 2.0, 0.7, 0.5
+    x = rng.normal(size=(5, 3)).astype(np.float32)
+    labels = np.array([0, -1, 3, 1, -1])
+    w = rng.normal(size=(3, k)).astype(np.float32)
+    teacher_logits = rng.normal(size=(5, k)).astype(np.float32)
+    train = DistillConfig(
+        weight_decay=0.0,
+        optimizer="momentum",
+        distill_temperature=temperature,
+        distill_label_weight=label_weight,
+    )
+    task = DistillTask.without_inputs(_step_config("distill", train))
+    calls = []
+
+    def teacher(images, trainable):
+        calls.append(trainable)
+        return {"logits_sup": tf.constant(teacher_logits)}
+
+    task.teacher = teacher
+    model = _Linear(w)
+    recorded = _step(task, model, lr, tf.constant(x), tf.constant(labels))
+    assert calls and set(calls) == {False}  # traced once or twice; always as not trainable
+
+    s = x.astype(np.float64) @ w.astype(np.float64)
+    targets = _softmax(teacher_logits / temperature)
+    student = _softmax(s / temperature)
+    distill = temperature**2 * np.mean(-np.sum(targets * np.log(student), axis=1))
+    labeled = labels >= 0
+    onehot = np.eye(k)[np.maximum(labels, 0)]
+    probs = _softmax(s)
+    sup = np.mean(-np.log(probs[labeled, labels[labeled]]))
+    grad_logits = temperature * (student - targets) / 5
+    grad_logits[labeled] += label_weight * (probs - onehot)[labeled] / labeled.sum()
+    np.testing.assert_allclose(model.w.numpy(), w - lr * x.T @ grad_logits, rtol=1e-4, atol=1e-6)
+    assert recorded == pytest.approx(
+        {
+            "total_loss": distill + label_weight * sup,
+            "distill_loss": distill,
+            "supervised_loss": sup,  # unweighted, as the reference logs it
+            "supervised_acc": np.mean(np.argmax(s[labeled], 1) == labels[labeled]),
+            "weight_decay": 0.0,
+        },
+        rel=1e-5,
+    )
+
+
+@pytest.mark.parametrize("probe", [True, False])
+def test_pretraining_trains_on_the_contrastive_loss_and_the_probe_only_when_on(probe):
+    rng = np.random.default_rng(2)
+    temperature = 0.5
+    view1 = rng.normal(size=(4, 2, 2, 1)).astype(np.float32)
+    view2 = (view1 + rng.normal(scale=0.3, size=view1.shape)).astype(np.float32)
+    labels = np.array([0, 1, -1, 2])
+    w = rng.normal(size=(4, 3)).astype(np.float32)
+    train = PretrainConfig(
+        temperature=temperature,
+        weight_decay=0.0,
+        optimizer="momentum",
+        lineareval_while_pretraining=probe,
+    )
+    task = PretrainTask.without_inputs(_step_config("pretrain", train))
+    assert dict(task.loss_weights) == (
+        {"contrast_loss": 1.0, "supervised_loss": 1.0} if probe else {"contrast_loss": 1.0}
+    )
+    recorded = _step(task, _Linear(w), 0.0, *map(tf.constant, (view1, view2, labels)))
+
+    def unit(v: np.ndarray) -> np.ndarray:
+        h = v.reshape(4, -1).astype(np.float64) @ w
+        return h / np.linalg.norm(h, axis=1, keepdims=True)
+
+    # The reference's logged statistics: view-1 anchors against the view-2 block.
+    ab = unit(view1) @ unit(view2).T / temperature
+    p = _softmax(ab)
+    assert recorded["contrast_acc"] == pytest.approx(np.mean(ab.argmax(1) == np.arange(4)))
+    assert recorded["contrast_entropy"] == pytest.approx(
+        np.mean(-np.sum(p * np.log(p + 1e-8), axis=1)), rel=1e-5
+    )
+    shown = [n for n in task.metric_names if n in recorded]
+    if probe:
+        assert shown == list(task.metric_names)
+        total = recorded["contrast_loss"] + recorded["supervised_loss"]
+    else:
+        assert "supervised_loss" not in recorded and "supervised_acc" not in recorded
+        total = recorded["contrast_loss"]
+    assert recorded["total_loss"] == pytest.approx(total, rel=1e-6)
+
+
+def test_each_stage_shows_its_progress_metrics_in_recording_order():
+    shown = {
+        "pretrain": ("total_loss", "contrast_loss", "contrast_acc", "supervised_acc"),
+        "finetune": ("total_loss", "supervised_acc"),
+        "distill": ("total_loss", "distill_loss", "supervised_acc"),
+    }
+    tasks = {"pretrain": PretrainTask, "finetune": FinetuneTask, "distill": DistillTask}
+    for stage, names in shown.items():
+        task = tasks[stage]
+        assert task.progress_metrics == names
+        assert tuple(n for n in task.metric_names if n in names) == names

@@ -18,7 +18,6 @@ from models.config import ModelConfig, PretrainConfig
 from models.model import SimCLRModel
 from models.optimizers import build_optimizer
 from models.schedule import WarmUpAndCosineDecay
-from models.tasks.pretrain import contrastive_step, pretrain_metrics
 from tests.models import fixtures
 
 SPEC = data_lib.ImageSpec(stored_size=32, image_format="raw", image_size=32)
@@ -77,9 +76,11 @@ def _dataset_fn(images: np.ndarray, labels: np.ndarray, batch: int):
 
 
 def _run(model, optimizer, make_dataset, run_dir: pathlib.Path, total_steps: int, **settings):
-    metrics = pretrain_metrics()
-    train = PretrainConfig(temperature=0.5, weight_decay=1e-4, optimizer="momentum")
-    step_fn = contrastive_step(model, optimizer, metrics, train)
+    task = fixtures.step_task(
+        PretrainConfig(temperature=0.5, weight_decay=1e-4, optimizer="momentum")
+    )
+    metrics = task.build_metrics()
+    step_fn = task.train_step(model, optimizer, metrics)
     loop = train_loop.LoopSettings(
         stage="pretrain",
         total_steps=total_steps,
@@ -87,6 +88,7 @@ def _run(model, optimizer, make_dataset, run_dir: pathlib.Path, total_steps: int
         log_every=settings.get("log_every", 1),
         global_batch_size=8,
         keep_checkpoint_max=5,
+        progress_metrics=task.progress_metrics,
     )
     return train_loop.run(
         tf.distribute.get_strategy(),
@@ -309,3 +311,65 @@ def test_a_checkpoint_of_another_model_is_refused_not_restored_in_part(tmp_path)
     train_loop.restore_whole(tf.train.Checkpoint(model=same), path, "pretrain")
     for got, want in zip(same.get_weights(), saved.get_weights(), strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_a_checkpoint_of_another_stage_is_refused_though_its_variables_match(tmp_path):
+    """A pretraining network has the variables of a fine-tuning one, so its checkpoint restores
+    whole into it (step count included); the stage the loop writes beside its checkpoints is
+    what refuses it, before any step."""
+    ckpt_dir = tmp_path / "checkpoints"
+    pretrained, optimizer = _model(seed=0), _optimizer(2)
+
+    def objects(model, opt=None) -> tf.train.Checkpoint:
+        step = tf.Variable(0, dtype=tf.int64)
+        return tf.train.Checkpoint(model=model, optimizer=opt or _optimizer(2), global_step=step)
+
+    def make(ctx: tf.distribute.InputContext, skip: int) -> tf.data.Dataset:
+        zeros = np.zeros([8, 32, 32, 3], np.float32)
+        return tf.data.Dataset.from_tensors((zeros, zeros, np.zeros([8], np.int64))).repeat()
+
+    def loop(stage: str, model, opt) -> int:
+        settings = train_loop.LoopSettings(
+            stage=stage,
+            total_steps=0,
+            checkpoint_every=1,
+            log_every=1,
+            global_batch_size=8,
+            keep_checkpoint_max=1,
+            progress_metrics=("total_loss",),
+        )
+        return train_loop.run(
+            tf.distribute.get_strategy(),
+            model,
+            opt,
+            lambda *batch: None,
+            make,
+            {},
+            settings,
+            checkpoint_dir=str(ckpt_dir),
+            summary_dir=str(tmp_path / "train"),
+        )
+
+    assert loop("pretrain", pretrained, optimizer) == 0  # no step: only the stage is written
+    path = objects(pretrained, optimizer).save(str(ckpt_dir / "ckpt"))
+    assert (ckpt_dir / train_loop.STAGE_FILE).read_text() == "pretrain"
+
+    config = ModelConfig(resnet_depth=18, width_multiplier=0.125, proj_out_dim=16, global_bn=False)
+    finetuned = SimCLRModel(config, 10, 32, pretraining=False)
+    finetuned.build_for()
+    # The variables alone do not tell the stages apart: the pretraining stage restores it whole.
+    train_loop.restore_whole(objects(finetuned), path, "pretrain")
+    for got, want in zip(finetuned.get_weights(), pretrained.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+    other = _model(seed=1)
+    before = other.get_weights()
+    with pytest.raises(ValueError) as e:
+        loop("finetune", other, _optimizer(2))
+    assert str(e.value) == (
+        f"finetune: checkpoint {path} was written by the pretrain stage; remove its directory "
+        "to train afresh"
+    )
+    for got, want in zip(other.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert (ckpt_dir / train_loop.STAGE_FILE).read_text() == "pretrain"

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from pipeline import cli, configs
+from pipeline import configs
+from pipeline.runner import cli
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 REFERENCE_CIFAR_COMMAND = [

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from pipeline import configs
 from pipeline import pipeline as pipeline_lib
-from pipeline.tfrecord_example_gen import PoolImportExecutor
+from pipeline.components.tfrecord_example_gen import PoolImportExecutor
 
 
 def _build(config, layout, tmp_path):
@@ -92,10 +92,10 @@ def test_an_edited_source_file_reruns_the_components_that_run_it(tmp_path, monke
     before = _code_keys(tmp_path)
     assert before["pretrain_trainer"] == before["finetune_trainer"] != before["Transform"]
     # Files outside the packages the components run do not count.
-    (source / "pipeline" / "report.py").write_text("# edited\n", "utf-8")
+    (source / "pipeline" / "runner" / "report.py").write_text("# edited\n", "utf-8")
     assert _code_keys(tmp_path) == before
     # An edit of the ingestion code re-runs ExampleGen (and, with new examples, all after it).
-    with open(source / "pipeline" / "image_example_gen" / "executor.py", "a") as f:
+    with open(source / "pipeline" / "components" / "image_example_gen" / "executor.py", "a") as f:
         f.write("\n# decode differently\n")
     ingestion = _code_keys(tmp_path)
     assert ingestion["FileBasedExampleGen"] != before["FileBasedExampleGen"]
@@ -305,3 +305,75 @@ def test_the_warm_start_resolver_gives_the_newest_model_or_none():
     assert strategy.resolve_artifacts(None, {"model": []}) == {"model": []}
     [newest] = strategy.resolve_artifacts(None, {"model": [model(3), model(9), model(5)]})["model"]
     assert newest.id == 9
+
+
+def _by_id(built) -> dict:
+    return {c.id: c for c in built.components}
+
+
+def _input_producer(component, key: str) -> str:
+    return component.inputs[key].producer_component_id
+
+
+def test_a_baseline_is_compared_by_a_second_evaluation_that_writes_no_model_blessing(tmp_path):
+    """--baseline=supervised: its own Trainer on the labeled split, a TFMA comparison of the
+    candidate with it, and still one ModelBlessing (the Evaluator's), which the Pusher reads."""
+    from pipeline.components.baseline_comparison import BaselineComparisonResult
+
+    config = configs.build_config({"baseline": "supervised"})
+    built = _build(config, _layout(num_classes=10, unlabeled="unlabelled"), tmp_path)
+    nodes = _by_id(built)
+    baseline = nodes["baseline_trainer"]
+    assert json.loads(baseline.exec_properties["train_args"])["splits"] == ["train"]
+    trainer = json.loads(json.loads(baseline.exec_properties["custom_config"])["trainer"])
+    assert [m["stage"] for m in trainer["matched"]] == ["pretrain", "finetune"]
+    assert "base_model" not in baseline.inputs  # random initialization
+    comparison = nodes["baseline_comparison"]
+    assert _input_producer(comparison, "model") == "finetune_trainer"
+    assert _input_producer(comparison, "baseline_model") == "baseline_trainer"
+    assert comparison.outputs["blessing"].type is BaselineComparisonResult
+    blessings = [
+        c.id
+        for c in built.components
+        for channel in c.outputs.values()
+        if channel.type_name == "ModelBlessing" and not c.id.endswith("_resolver")
+    ]
+    assert blessings == ["Evaluator"]
+    assert _input_producer(nodes["Evaluator"], "model") == "finetune_trainer"
+    assert _input_producer(nodes["Pusher"], "model_blessing") == "Evaluator"
+    # Ungated: no thresholds, and the Pusher outside any condition.
+    [spec] = _eval_config(comparison).metrics_specs
+    assert not any(m.threshold.ByteSize() or m.per_slice_thresholds for m in spec.metrics)
+    assert not _conditions(built, nodes["Pusher"])
+
+
+def _eval_config(component):
+    import tensorflow_model_analysis as tfma
+    from google.protobuf import json_format
+
+    return json_format.Parse(component.exec_properties["eval_config"], tfma.EvalConfig())
+
+
+def _conditions(built, component) -> list:
+    contexts = built.dsl_context_registry.get_contexts(component)
+    return [c for c in contexts if type(c).__name__ == "CondContext"]
+
+
+@pytest.mark.parametrize("push, blessed_value", [("candidate", 1), ("baseline", 0)])
+def test_the_gain_gate_holds_the_pusher_in_a_cond(tmp_path, push, blessed_value):
+    config = configs.build_config(
+        {"baseline": "supervised", "min_gain_over_baseline": 0.05, "push": push}
+    )
+    built = _build(config, _layout(num_classes=10), tmp_path)
+    nodes = _by_id(built)
+    pushed_by = "baseline_trainer" if push == "baseline" else "finetune_trainer"
+    assert _input_producer(nodes["Pusher"], "model") == pushed_by
+    assert _input_producer(nodes["Evaluator"], "model") == pushed_by  # gates judge what's pushed
+    [cond] = _conditions(built, nodes["Pusher"])
+    predicate = str(cond.predicate.encode())
+    assert "baseline_comparison" in predicate and "blessed" in predicate
+    assert f"int_value: {blessed_value}" in predicate
+    [spec] = _eval_config(nodes["baseline_comparison"]).metrics_specs
+    [top1] = [m for m in spec.metrics if m.class_name == "SparseCategoricalAccuracy"]
+    [gate] = top1.per_slice_thresholds
+    assert gate.threshold.change_threshold.absolute.value == pytest.approx(0.05)

@@ -4,8 +4,8 @@ import os
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
-from pipeline.image_example_gen.component import make_image_example_gen
-from pipeline.image_example_gen.executor import (
+from pipeline.components.image_example_gen.component import make_image_example_gen
+from pipeline.components.image_example_gen.executor import (
     REPORT_FILE,
     ImageDataError,
     ImageFolderExecutor,

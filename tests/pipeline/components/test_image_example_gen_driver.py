@@ -18,7 +18,7 @@ from tfx.orchestration.kubeflow.v2.file_based_example_gen import driver as tfx_v
 from tfx.proto import example_gen_pb2
 from tfx.types import standard_artifacts
 
-from pipeline.image_example_gen import driver, make_image_example_gen
+from pipeline.components.image_example_gen import driver, make_image_example_gen
 
 SPLITS = {"train": 5, "val": 2}  # files per class folder
 CLASSES = ("n01", "n02", "n03")

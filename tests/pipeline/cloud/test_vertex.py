@@ -17,11 +17,13 @@ import tensorflow as tf
 
 from models import data as data_lib
 from models import precision
-from pipeline import cli, cloud, configs
+from pipeline import configs
+from pipeline.cloud import vertex as cloud
+from pipeline.runner import cli
 from tests.imagenet_fixture import write_imagenet_fixture
 from transform import preprocessing as tp
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[3]
 
 REQUIRED = {"project": "my-proj", "region": "us-central1", "bucket": "gs://my-bucket"}
 
@@ -486,7 +488,7 @@ def test_training_job_restarts_on_worker_restart_as_vertex_reads_it():
 
 
 def test_listing_driver_replaces_tfx_driver_only_for_the_image_example_gen():
-    from pipeline.image_example_gen.driver import VERTEX_DRIVER_COMMAND
+    from pipeline.components.image_example_gen.driver import VERTEX_DRIVER_COMMAND
 
     tfx_driver = ["python", "-m", "tfx.orchestration.kubeflow.v2.file_based_example_gen.driver"]
 
@@ -503,7 +505,7 @@ def test_listing_driver_replaces_tfx_driver_only_for_the_image_example_gen():
             "deploymentSpec": {
                 "executors": {
                     "FileBasedExampleGen_executor": executor(
-                        "pipeline.image_example_gen.executor.ImageFolderExecutor"
+                        "pipeline.components.image_example_gen.executor.ImageFolderExecutor"
                     ),
                     "ImportExampleGen_executor": executor(
                         "tfx.components.example_gen.import_example_gen.executor.Executor"
@@ -556,7 +558,7 @@ def _push(tmp_path, monkeypatch, endpoints, *, blessed=True, undeploy=True, labe
     from tfx.types import Channel, standard_artifacts
     from tfx.utils import path_utils
 
-    from pipeline import vertex_endpoint
+    from pipeline.components import vertex_endpoint
 
     deploys = []
 
@@ -972,10 +974,14 @@ def test_image_build_keeps_the_base_versions_or_names_each_change(tmp_path):
 def test_image_import_check_covers_every_project_module_and_names_a_failure():
     image_check = _image_check_module()
     modules = image_check.project_modules(REPO_ROOT)
-    for name in ("pipeline.cloud_jobs", "pipeline.image_example_gen.executor", "models.trainer"):
+    for name in (
+        "pipeline.cloud.jobs",
+        "pipeline.components.image_example_gen.executor",
+        "models.trainer",
+    ):
         assert name in modules
     assert "transform.preprocessing" in modules
-    assert image_check.check_imports(["json", "pipeline.cloud"]) == 2
+    assert image_check.check_imports(["json", "pipeline.cloud.vertex"]) == 2
     with pytest.raises(image_check.ImageError) as info:
         image_check.check_imports(["json", "tensorflow_no_such_module"])
     assert str(info.value) == (

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import signal
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,8 +20,10 @@ from urllib.parse import urlparse
 
 import pytest
 
-from pipeline import cli, cloud, cloud_jobs
+from pipeline.cloud import jobs as cloud_jobs
+from pipeline.cloud import vertex as cloud
 from pipeline.configs import trainer_config
+from pipeline.runner import cli
 
 REGION = "europe-west4"
 PARENT = f"projects/my-proj/locations/{REGION}"
@@ -365,13 +368,13 @@ def test_every_tfx_step_runs_under_the_stopping_entry_point(tmp_path):
 
 
 def test_the_entry_point_runs_tfx_step_entry_point():
-    """`python -m pipeline.cloud_jobs` is TFX's executor entry point (its flags, its exit)."""
+    """`python -m pipeline.cloud.jobs` is TFX's executor entry point (its flags, its exit)."""
     import subprocess
     import sys
 
     run = subprocess.run(
-        [sys.executable, "-m", "pipeline.cloud_jobs", "--help"],
-        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+        [sys.executable, "-m", "pipeline.cloud.jobs", "--help"],
+        cwd=str(pathlib.Path(__file__).resolve().parents[3]),
         env={**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"},
         capture_output=True,
         text=True,

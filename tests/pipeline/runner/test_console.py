@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from pipeline import console
+from pipeline.runner import console
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[3]
 
 # Lines seen in real runs, one per pattern of console.NOISE_PATTERNS, first lines of records.
 NOISE_SAMPLES = [
@@ -171,7 +171,7 @@ import sys
 import warnings
 
 sys.path[:0] = [{repo!r}, {lib!r}]
-from pipeline import console
+from pipeline.runner import console
 
 print("installed", console.install_noise_filter(), flush=True)
 libc = ctypes.CDLL(None)
@@ -276,7 +276,7 @@ import os
 import sys
 
 sys.path.insert(0, {repo!r})
-from pipeline import console
+from pipeline.runner import console
 
 console.install_noise_filter()
 os.write(2, b"real: written just before the abort\\n")
@@ -309,7 +309,7 @@ import time
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
 sys.path.insert(0, {repo!r})
-from pipeline import console
+from pipeline.runner import console
 
 console.install_noise_filter()
 # A worker that inherits the filtered stderr, like Beam's.

@@ -33,9 +33,10 @@ from tfx.types import artifact, artifact_utils, standard_component_specs
 from tfx.utils import proto_utils
 
 from models.config import UNLABELED_SPLIT
+from pipeline.names import IMAGE_REPORT_FILE
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".gif", ".bmp")
-REPORT_FILE = "image_report.json"
+REPORT_FILE = IMAGE_REPORT_FILE
 SPLIT_PATTERN_SUFFIX = "/*/*"
 # The unlabeled pool: one split read recursively (`<folder>/**`), every record labeled -1.
 POOL_PATTERN_SUFFIX = "/**"

@@ -6,8 +6,8 @@ from tfx.components import FileBasedExampleGen
 from tfx.dsl.components.base import executor_spec
 from tfx.proto import example_gen_pb2
 
-from pipeline.image_example_gen.driver import ImageFolderDriver
-from pipeline.image_example_gen.executor import (
+from pipeline.components.image_example_gen.driver import ImageFolderDriver
+from pipeline.components.image_example_gen.executor import (
     SPLIT_PATTERN_SUFFIX,
     UNLABELED_SPLIT,
     ImageFolderExecutor,

@@ -15,8 +15,17 @@ import tensorflow as tf
 import tensorflow_model_analysis as tfma
 from ml_metadata.proto import metadata_store_pb2
 
-from pipeline.image_example_gen.executor import REPORT_FILE
-from pipeline.pipeline import TOP1, TOP5
+from models.tasks import registry
+from pipeline.components.baseline_comparison import Comparison, read_comparison
+from pipeline.names import (
+    BASELINE_COMPARISON,
+    BASELINE_COMPARISON_RESULT,
+    IMAGE_REPORT_FILE,
+    RESULTS_FILE,
+    TOP1,
+    TOP5,
+    stage_of,
+)
 
 
 @dataclass
@@ -53,6 +62,16 @@ class RunSummary:
     warm_start_from: str | None = None
     # Split -> the Trainer stages and Evaluator of this run that read it (their exec properties).
     split_readers: dict[str, list[str]] = field(default_factory=dict)
+    # Each stage's results.json (steps, metrics, phase seconds), executed or cached.
+    stage_results: dict[str, dict] = field(default_factory=dict)
+    # The second evaluation: the candidate against the supervised baseline (--baseline).
+    # The model the Evaluator judged (its blessing's current model).
+    evaluated_model_uri: str | None = None
+    # The last blessed model the no-regression gate compared it with (None on a first run).
+    regression_baseline_uri: str | None = None
+    comparison_uri: str | None = None
+    comparison_result_uri: str | None = None
+    comparison: Comparison | None = None
 
     def training_seconds(self) -> float:
         """Seconds spent in training steps: every Trainer's `train` phase (all steps but the
@@ -82,6 +101,42 @@ class RunSummary:
             f"  outside components (start-up, orchestration, summary): "
             f"{wall_seconds - components:.0f} s"
         )
+        return out
+
+    def compute(self, stages: list[str]) -> tuple[int, float]:
+        """Optimizer steps and training-phase seconds that `stages` used (their results)."""
+        results = [self.stage_results.get(s, {}) for s in stages]
+        steps = sum(int(r.get("total_steps", 0)) for r in results)
+        seconds = sum(r.get("seconds", {}).get("train", 0.0) for r in results)
+        return steps, seconds
+
+    def compared_stages(self) -> tuple[list[str], list[str]]:
+        """(stages that produced the candidate, the baseline's stages) of this run."""
+        roles = {s.name: s.role for s in registry.stages()}
+        ran = list(self.stage_results)
+        baseline = [s for s in ran if roles.get(s) == registry.BASELINE]
+        return [s for s in ran if s not in baseline], baseline
+
+    def comparison_lines(self) -> list[str]:
+        c = self.comparison
+        if c is None:
+            return []
+        ci = ""
+        if c.top1_gain_ci is not None:
+            ci = f" (95% CI {c.top1_gain_ci[0]:+.4f} to {c.top1_gain_ci[1]:+.4f})"
+        candidate, baseline = self.compared_stages()
+        c_steps, c_secs = self.compute(candidate)
+        b_steps, b_secs = self.compute(baseline)
+        out = [
+            f"vs. supervised baseline on {c.examples} eval examples: candidate top-1 "
+            f"{c.candidate_top1:.4f}, baseline top-1 {c.baseline_top1:.4f}, gain "
+            f"{c.top1_gain:+.4f}{ci}; top-5 {c.candidate_top5:.4f} vs. {c.baseline_top5:.4f}",
+            f"  compute: candidate {c_steps} steps, {c_secs:.0f} s of training "
+            f"({' + '.join(candidate)}); baseline {b_steps} steps, {b_secs:.0f} s",
+        ]
+        if c.gate_passed is not None and c.min_gain is not None:
+            verdict = "passed" if c.gate_passed else "FAILED"
+            out.append(f"gain gate: {verdict}: {c.gate_message}")
         return out
 
     def lines(self) -> list[str]:
@@ -119,6 +174,7 @@ class RunSummary:
         if self.blessed is not None:
             out.append("blessing: BLESSED" if self.blessed else "blessing: NOT_BLESSED")
         out += [f"  failed: {f}" for f in self.failures]
+        out += self.comparison_lines()
         if self.pushed:
             out.append(f"pushed model: {self.pushed_destination}")
         else:
@@ -157,11 +213,11 @@ def _trainer_config(execution: metadata_store_pb2.Execution) -> dict:
 
 
 def _protocol(trainer: dict) -> str | None:
-    """The evaluation protocol of a Trainer's configuration."""
+    """The evaluation protocol of a candidate Trainer's configuration (None for the others)."""
     stage = trainer.get("stage")
-    if stage == "finetune":
-        return trainer.get("train", {}).get("finetune_protocol")
-    return "distillation" if stage == "distill" else None
+    if stage not in registry.names() or registry.get(stage).role != registry.CANDIDATE:
+        return None
+    return registry.get(stage).protocol(trainer.get("train", {}))
 
 
 def _splits_read(execution: metadata_store_pb2.Execution) -> list[str]:
@@ -216,19 +272,27 @@ def latest_run(metadata_path: str) -> RunSummary:
     for a in artifacts:
         kind = artifact_types.get(a.type_id)
         producer = producer_of[a.id]
-        stage = producer.removesuffix("_trainer")
-        if kind == "ModelEvaluation":
+        stage = stage_of(producer) or producer
+        if kind == "ModelEvaluation" and producer == BASELINE_COMPARISON:
+            summary.comparison_uri = a.uri
+        elif kind == "ModelEvaluation":
             summary.evaluation_uri = a.uri
+        elif kind == BASELINE_COMPARISON_RESULT:
+            summary.comparison_result_uri = a.uri
         elif kind == "ModelBlessing":
             summary.blessed = bool(_prop(a, "blessed"))
+            summary.evaluated_model_uri = _prop(a, "current_model") or None
+            summary.regression_baseline_uri = _prop(a, "baseline_model") or None
         elif kind == "PushedModel":
             summary.pushed = bool(_prop(a, "pushed"))
             summary.pushed_destination = _prop(a, "pushed_destination") or None
         elif kind == "ModelRun":
             summary.model_run_uris[stage] = a.uri
-            if stage == "pretrain":
-                summary.warm_start_from = read_results(a.uri).get("warm_start_from")
-            phases = read_results(a.uri).get("seconds", {})
+            results = read_results(a.uri)
+            summary.stage_results[stage] = results
+            if results.get("warm_start_from"):
+                summary.warm_start_from = results["warm_start_from"]
+            phases = results.get("seconds", {})
             if phases and producer not in summary.cached:
                 summary.trainer_phases[producer] = phases
         elif kind == "Model":
@@ -243,6 +307,8 @@ def latest_run(metadata_path: str) -> RunSummary:
             summary.transform_graph_uri = a.uri
     if summary.evaluation_uri:
         _read_evaluation(summary)
+    if summary.comparison_uri:
+        summary.comparison = read_comparison(summary.comparison_uri, summary.comparison_result_uri)
     summary.ingestion = read_ingestion_report(summary.examples_uri).get("splits", {})
     return summary
 
@@ -258,12 +324,12 @@ def _read_json(folder: str | None, name: str) -> dict:
 
 def read_ingestion_report(examples_uri: str | None) -> dict:
     """The image-folder ExampleGen's report; empty for TFRecord input (ImportExampleGen)."""
-    return _read_json(examples_uri, REPORT_FILE)
+    return _read_json(examples_uri, IMAGE_REPORT_FILE)
 
 
 def read_results(model_run_uri: str | None) -> dict:
     """A Trainer stage's results.json (metrics, kNN figures, phase seconds); empty without it."""
-    return _read_json(model_run_uri, "results.json")
+    return _read_json(model_run_uri, RESULTS_FILE)
 
 
 def _metric(metrics: dict, name: str) -> float | None:

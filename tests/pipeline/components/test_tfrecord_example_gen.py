@@ -1,5 +1,5 @@
-"""pipeline/tfrecord_example_gen.py: the pool's records without a label get -1, nothing else
-changes."""
+"""pipeline/components/tfrecord_example_gen.py: the pool's records without a label get -1,
+nothing else changes."""
 
 import pathlib
 
@@ -7,7 +7,7 @@ import tensorflow as tf
 from tfx.proto import example_gen_pb2
 from tfx.types import standard_artifacts, standard_component_specs
 
-from pipeline.tfrecord_example_gen import (
+from pipeline.components.tfrecord_example_gen import (
     COMPONENT_ID,
     PoolImportExecutor,
     make_tfrecord_example_gen,

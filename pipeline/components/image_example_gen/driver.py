@@ -12,7 +12,7 @@ size change, or a rewrite (a new GCS object generation, a new local mtime).
 
 Two entry points use it: `ImageFolderDriver` for TFX's in-process orchestrators (LocalDagRunner)
 and `main` as the pre-cache-check step that Vertex AI Pipelines runs before the ExampleGen
-container (`VERTEX_DRIVER_COMMAND`; `pipeline/cloud.py` points the compiled job at it).
+container (`VERTEX_DRIVER_COMMAND`; `pipeline/cloud/vertex.py` points the compiled job at it).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from tfx.components.example_gen import driver as example_gen_driver
 from tfx.components.example_gen import input_processor, utils
 from tfx.proto import example_gen_pb2, range_config_pb2
 
-from pipeline.image_example_gen.executor import _split_dir, is_pool_pattern
+from pipeline.components.image_example_gen.executor import _split_dir, is_pool_pattern
 
 # Class folders listed at once; GCS serves many concurrent listings of one bucket.
 LIST_WORKERS = 32
@@ -293,7 +293,7 @@ class ImageFolderDriver(example_gen_driver.FileBasedDriver):
 VERTEX_DRIVER_COMMAND = (
     "python",
     "-c",
-    "import sys; from pipeline.image_example_gen.driver import main; sys.exit(main())",
+    "import sys; from pipeline.components.image_example_gen.driver import main; sys.exit(main())",
 )
 
 
@@ -368,7 +368,7 @@ def run_vertex_driver(invocation_json: str, inputs_spec_json: str | None = None)
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line of the pre-cache-check step (the arguments Vertex passes to TFX's driver)."""
-    parser = argparse.ArgumentParser(prog="pipeline.image_example_gen.driver")
+    parser = argparse.ArgumentParser(prog="pipeline.components.image_example_gen.driver")
     parser.add_argument("--json_serialized_invocation_args", required=True)
     parser.add_argument("--json_serialized_inputs_spec_args")
     # The compiled step also passes the Beam pipeline arguments; this driver needs none.

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from pipeline.digits import MARKER_FILE, write_digits_dataset
+from pipeline.runner.digits import MARKER_FILE, write_digits_dataset
 
 N_IMAGES = 1797
 

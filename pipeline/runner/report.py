@@ -26,9 +26,10 @@ from matplotlib.ticker import MaxNLocator
 from tensorflow_metadata.proto.v0 import anomalies_pb2, statistics_pb2
 
 from models import knn as knn_lib
-from pipeline import summary as summary_lib
+from models.tasks import registry
 from pipeline.configs import SimCLRConfig
-from pipeline.pipeline import TOP1, TOP5
+from pipeline.names import TOP1, TOP5
+from pipeline.runner import summary as summary_lib
 
 REPORT_FILE = "report.html"
 LATEST_DIR = "latest"
@@ -40,7 +41,6 @@ MAX_EXAMPLES_TO_COUNT = 200_000
 # Beyond these class counts, cell numbers and tick names make the heatmap unreadable.
 MAX_ANNOTATED_CLASSES = 20
 MAX_NAMED_CLASSES = 60
-STAGES = ("pretrain", "finetune")
 
 # What each scalar means; tags not listed are shown by name only.
 SCALAR_HELP = {
@@ -604,12 +604,16 @@ def _blessing(
     return parts
 
 
+def _role(stage: str) -> str | None:
+    return registry.get(stage).role if stage in registry.names() else None
+
+
 def _help(stage: str, tag: str) -> str:
     if tag in FLOOR_HELP:
         return FLOOR_HELP[tag]
     if "knn" in tag:
         return KNN_HELP
-    if stage == "pretrain" and tag == "train/supervised_acc":
+    if _role(stage) == registry.ENCODER and tag == "train/supervised_acc":
         return PRETRAIN_SUPERVISED_HELP
     return SCALAR_HELP.get(tag, "")
 
@@ -660,10 +664,62 @@ def knn_parts(knn: KnnResult | None) -> list[str]:
     return parts
 
 
+def _knn(summary: summary_lib.RunSummary) -> list[str]:
+    """The kNN monitor's section, for the run's encoder stage (pretraining), if it ran."""
+    encoders = [s for s in summary.model_run_uris if _role(s) == registry.ENCODER]
+    return knn_parts(read_knn(summary.model_run_uris[encoders[0]])) if encoders else []
+
+
+def _comparison(summary: summary_lib.RunSummary, names: Sequence[str]) -> list[str]:
+    """The candidate beside the supervised baseline: the second TFMA evaluation (same eval
+    examples), per class, with the compute each used and the gain gate's verdict."""
+    c = summary.comparison
+    if c is None:
+        return []
+    candidate, baseline = summary.compared_stages()
+    (c_steps, c_secs), (b_steps, b_secs) = summary.compute(candidate), summary.compute(baseline)
+    ci = c.top1_gain_ci
+    gain_text = f"{c.top1_gain:+.4f}" + (f" (95% CI {ci[0]:+.4f} to {ci[1]:+.4f})" if ci else "")
+    parts = [
+        "<h2>Did pretraining pay off? Candidate vs. supervised baseline</h2>",
+        "<p>The baseline is the same network trained from random initialization on the same "
+        f"labeled examples; both are evaluated by TFMA on the same {c.examples} eval "
+        "examples.</p>",
+        _table(
+            ["", "candidate (SimCLR)", "supervised baseline", "difference"],
+            [
+                ["top-1", _fmt(c.candidate_top1), _fmt(c.baseline_top1), gain_text],
+                ["top-5", _fmt(c.candidate_top5), _fmt(c.baseline_top5), f"{c.top5_gain:+.4f}"],
+                ["optimizer steps", c_steps, b_steps, ""],
+                ["training seconds", f"{c_secs:.0f}", f"{b_secs:.0f}", ""],
+                ["stages", " + ".join(candidate), " + ".join(baseline), ""],
+            ],
+            (1, 2),
+        ),
+    ]
+    if c.gate_passed is not None and c.min_gain is not None:
+        cls = "" if c.gate_passed else ' class="bad"'
+        verdict = "passed" if c.gate_passed else "failed"
+        parts.append(f"<p{cls}><b>Gain gate {verdict}</b>: {_e(c.gate_message)}</p>")
+    rows = [
+        [
+            names[k] if isinstance(k, int) and 0 <= k < len(names) else k,
+            _fmt(c.candidate_top1_by_class.get(k)),
+            _fmt(c.baseline_top1_by_class.get(k)),
+        ]
+        for k in sorted(c.candidate_top1_by_class)
+    ]
+    if rows:
+        parts.append("<h3>Top-1 per class</h3>")
+        parts.append(_table(["class", "candidate", "baseline"], rows, (1, 2)))
+    return parts
+
+
 def _curves(summary: summary_lib.RunSummary, run_dir: str) -> list[str]:
     parts = ["<h2>Training curves</h2>"]
     uris = summary.model_run_uris
-    for stage in [s for s in STAGES if s in uris] + sorted(set(uris) - set(STAGES)):
+    known = [s for s in registry.names() if s in uris]
+    for stage in known + sorted(set(uris) - set(known)):
         uri = uris[stage]
         parts.append(f"<h3>{_e(stage)}</h3>")
         train = read_scalars(os.path.join(uri, "train"))
@@ -795,11 +851,8 @@ def write_report(metadata_path: str, out_dir: str, config: SimCLRConfig | None =
     parts = [
         *_header(summary),
         *_evaluation(result, names, run_dir),
-        *(
-            knn_parts(read_knn(summary.model_run_uris["pretrain"]))
-            if "pretrain" in summary.model_run_uris
-            else []
-        ),
+        *_knn(summary),
+        *_comparison(summary, names),
         *_blessing(summary, result, config),
         *_curves(summary, run_dir),
         *_data(summary, ingestion, names),

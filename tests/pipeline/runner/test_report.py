@@ -18,7 +18,7 @@ from PIL import Image
 from tensorflow_metadata.proto.v0 import statistics_pb2
 
 from models import knn
-from pipeline import report
+from pipeline.runner import report
 from tests.pipeline_runs import BROKEN_FILE, MARKUP_CLASS, TEST_PER_CLASS, TRAIN_PER_CLASS
 
 CHROMIUM = "/usr/bin/chromium"
@@ -170,7 +170,7 @@ def test_knn_section_says_so_iff_pretraining_ended_below_raw_pixels(tmp_path, fi
 
 
 def test_header_names_the_model_a_warm_started_pretraining_began_from():
-    from pipeline.summary import RunSummary
+    from pipeline.runner.summary import RunSummary
 
     uri = "/out/pipeline/pretrain_trainer/model/7/Format-Serving"
     page = _Page()
@@ -186,6 +186,50 @@ def test_knn_section_without_the_monitor(tmp_path):
     assert report.read_knn(str(tmp_path / "model_run")) is None
     text = "".join(report.knn_parts(None))
     assert "--knn_every_epochs" in text and report.BELOW_RAW_PIXELS not in text
+
+
+def test_comparison_section_shows_both_models_per_class_and_the_gate():
+    from pipeline.components.baseline_comparison import Comparison
+    from pipeline.runner.summary import RunSummary
+
+    summary = RunSummary(run_id="r")
+    summary.stage_results = {
+        "pretrain": {"total_steps": 30, "seconds": {"train": 20.0}},
+        "finetune": {"total_steps": 10, "seconds": {"train": 4.0}},
+        "baseline": {"total_steps": 40, "seconds": {"train": 15.0}},
+    }
+    summary.comparison = Comparison(
+        examples=40,
+        candidate_top1=0.55,
+        candidate_top5=0.9,
+        baseline_top1=0.6,
+        baseline_top5=0.92,
+        top1_gain=-0.05,
+        top5_gain=-0.02,
+        top1_gain_ci=(-0.12, 0.02),
+        top5_gain_ci=None,
+        candidate_top1_by_class={0: 0.5, 1: 0.6},
+        baseline_top1_by_class={0: 0.7, 1: 0.5},
+        min_gain=0.02,
+        gate_passed=False,
+        gate_message="candidate top-1 0.5500 is 0.0500 below the baseline's 0.6000",
+    )
+    page = _Page()
+    page.feed("".join(report._comparison(summary, ["cat", "<dog>"])))
+    assert page.table(["", "candidate (SimCLR)", "supervised baseline", "difference"]) == [
+        ["top-1", "0.5500", "0.6000", "-0.0500 (95% CI -0.1200 to +0.0200)"],
+        ["top-5", "0.9000", "0.9200", "-0.0200"],
+        ["optimizer steps", "40", "40", ""],
+        ["training seconds", "24", "15", ""],
+        ["stages", "pretrain + finetune", "baseline", ""],
+    ]
+    assert page.table(["class", "candidate", "baseline"]) == [
+        ["cat", "0.5000", "0.7000"],
+        ["<dog>", "0.6000", "0.5000"],
+    ]
+    text = " ".join("".join(page.text).split())
+    assert "Gain gate failed: candidate top-1 0.5500 is 0.0500 below the baseline's 0.6000" in text
+    assert report._comparison(RunSummary(run_id="r"), []) == []
 
 
 # ----------------------------------------------------------------------------- a real run

@@ -13,7 +13,7 @@ from tfx.proto import example_gen_pb2
 from tfx.types import standard_artifacts, standard_component_specs
 from tfx.utils import proto_utils
 
-from pipeline.image_example_gen import (
+from pipeline.components.image_example_gen import (
     REPORT_FILE,
     ImageDataError,
     ImageFolderExecutor,
@@ -21,7 +21,7 @@ from pipeline.image_example_gen import (
     make_custom_config,
     make_image_example_gen,
 )
-from pipeline.image_example_gen.executor import check_class_folders
+from pipeline.components.image_example_gen.executor import check_class_folders
 
 
 def _encode(mode: str, fmt: str, seed: int, size: tuple[int, int] = (12, 10)) -> bytes:
@@ -319,7 +319,7 @@ def test_a_large_listing_is_ordered_in_bounded_shards_never_in_one_element(
 
     import apache_beam as beam
 
-    from pipeline.image_example_gen import executor
+    from pipeline.components.image_example_gen import executor
 
     files = [(f"c{c}", f"/d/c{c}/{i}.jpg", f"c{c}/{i}.jpg") for c in range(10) for i in range(100)]
 

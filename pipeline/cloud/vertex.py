@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from models.config import BLOCKS_PER_GROUP
 from models.precision import Device, choose
-from pipeline.configs import ConfigError, SimCLRConfig
+from models.tasks import registry
+from pipeline.configs import ConfigError, SimCLRConfig, stage_flag, trainer_config
 
 if TYPE_CHECKING:
     from pipeline.pipeline import DataLayout
@@ -352,14 +353,11 @@ def check_trainer_layout(config: SimCLRConfig, options: CloudOptions) -> None:
             f"--strategy: --trainer_replicas={options.trainer_replicas} trains on several "
             f"machines, which needs --strategy=multi_worker, got {config.runtime.strategy!r}"
         )
-    stages = ["pretrain", "finetune"] if config.train_mode == "pretrain" else ["finetune"]
-    if config.distill.distill:
-        stages.append("distill")
     replicas = options.total_replicas
-    for stage in stages:
-        batch = config.stage(stage).train_batch_size
+    for stage in registry.active(config):
+        batch = config.stage(stage.name).train_batch_size
         if batch % replicas:
-            flag = ("" if stage == config.train_mode else f"{stage}_") + "train_batch_size"
+            flag = stage_flag(config, stage.name, "train_batch_size")
             raise ConfigError(
                 f"--{flag}: {batch} does not split evenly over {replicas} devices "
                 f"({options.trainer_replicas} machine(s) x {options.devices_per_machine}); "
@@ -465,28 +463,23 @@ def check_batch_fits(config: SimCLRConfig, options: CloudOptions) -> None:
     # The dtype the Trainers will use: --mixed_precision=auto decided for this hardware.
     dtype = choose(config.runtime.mixed_precision, trainer_device(options)).dtype
     dtype_bytes = 4 if dtype == "float32" else 2
-    stages = ["pretrain", "finetune"] if config.train_mode == "pretrain" else ["finetune"]
-    if config.distill.distill:
-        stages.append("distill")
-    for stage in stages:
-        depth, width = config.model.resnet_depth, config.model.width_multiplier
-        if stage == "distill":
-            depth = config.distill.distill_resnet_depth or depth
-            width = config.distill.distill_width_multiplier or width
-        views = 2 if stage == "pretrain" else 1
+    for stage in registry.active(config):
+        model = trainer_config(config, stage.name).model  # the student's, for distillation
+        depth, width = model.resnet_depth, model.width_multiplier
+        views = 2 if stage.contrastive else 1
         image_gib = (
             activation_elements(depth, width, config.data.image_size)
             * _KEPT_PER_CONV
             * dtype_bytes
             / _GIB
         )
-        batch = config.stage(stage).train_batch_size
+        batch = config.stage(stage.name).train_batch_size
         per_replica = math.ceil(batch / replicas)
         need = per_replica * views * image_gib + RESERVED_GIB
         if need <= accelerator.device_memory_gib:
             continue
         fits = int((accelerator.device_memory_gib - RESERVED_GIB) / (views * image_gib))
-        flag = ("" if stage == config.train_mode else f"{stage}_") + "train_batch_size"
+        flag = stage_flag(config, stage.name, "train_batch_size")
         device = "core" if accelerator.is_tpu else "GPU"
         machines = f"{options.trainer_replicas} machines, " if options.trainer_replicas > 1 else ""
         raise ConfigError(
@@ -616,7 +609,7 @@ def vertex_trainer_factory(options: CloudOptions, pipeline_name: str = "") -> Ca
     from tfx.extensions.google_cloud_ai_platform import constants
     from tfx.extensions.google_cloud_ai_platform.trainer import executor
 
-    from pipeline import cloud_jobs
+    from pipeline.cloud import jobs as cloud_jobs
 
     def make(*, custom_config: dict[str, Any], **kwargs: Any) -> Any:
         return cloud_jobs.VertexTrainer(
@@ -642,7 +635,7 @@ def vertex_pusher_factory(
         return None
     from tfx.extensions.google_cloud_ai_platform import constants
 
-    from pipeline import vertex_endpoint
+    from pipeline.components import vertex_endpoint
 
     def make(*, model: Any, model_blessing: Any) -> Any:
         return vertex_endpoint.EndpointPusher(
@@ -686,7 +679,7 @@ def compile_pipeline(pipeline: Any, options: CloudOptions, output_path: str) -> 
     with open(output_path) as f:
         job = json.load(f)
     use_listing_driver(job)
-    from pipeline.cloud_jobs import use_stopping_step_command
+    from pipeline.cloud.jobs import use_stopping_step_command
 
     use_stopping_step_command(job)
     with open(output_path, "w") as f:
@@ -698,11 +691,12 @@ def use_listing_driver(job: dict[str, Any]) -> int:
     """Points the class-folder ExampleGen's pre-cache-check step at its own driver.
 
     The Kubeflow V2 compiler gives every FileBasedExampleGen TFX's driver command, whatever the
-    component's DRIVER_CLASS; that driver stats each input file (pipeline/image_example_gen/
-    driver.py says why that is hours on ImageNet). Returns how many steps were changed.
+    component's DRIVER_CLASS; that driver stats each input file
+    (pipeline/components/image_example_gen/driver.py says why that is hours on ImageNet).
+    Returns how many steps were changed.
     """
-    from pipeline.image_example_gen.driver import VERTEX_DRIVER_COMMAND
-    from pipeline.image_example_gen.executor import ImageFolderExecutor
+    from pipeline.components.image_example_gen.driver import VERTEX_DRIVER_COMMAND
+    from pipeline.components.image_example_gen.executor import ImageFolderExecutor
 
     executor_path = f"{ImageFolderExecutor.__module__}.{ImageFolderExecutor.__name__}"
     changed = 0

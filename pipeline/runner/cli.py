@@ -24,6 +24,8 @@ def _parse_bool(text: str) -> bool:
 
 
 def _field_type(cls: type, f: dataclasses.Field) -> type:
+    if f.metadata.get("kind"):
+        return f.metadata["kind"]
     default = getattr(cls(), f.name)
     if isinstance(default, bool):
         return bool
@@ -48,7 +50,7 @@ def build_parser(prog: str, description: str, extra: list[tuple[str, dict]] | No
         section = path.split(".")[0].replace("<stage>", "train stage (set by --train_mode)")
         group = groups.setdefault(section, parser.add_argument_group(section))
         kind = _field_type(cls, f)
-        default = configs.get_path(defaults, path.replace("<stage>", "pretrain"))
+        default = configs.get_path(defaults, configs.default_path(path))
         help_text = f"{f.metadata['help']} (default: {default})".replace("%", "%%")
         kwargs: dict[str, Any] = {"dest": flag, "help": help_text}
         if f.metadata.get("choices"):

@@ -46,7 +46,7 @@ from models.trainer import LEASE_FILE
 # What every step of the compiled pipeline runs instead of TFX's executor entry point: the same
 # entry point (`TFX_STEP_MODULE`), under `main`.
 TFX_STEP_MODULE = "tfx.orchestration.kubeflow.v2.container.kubeflow_v2_run_executor"
-STEP_COMMAND = ("python", "-m", "pipeline.cloud_jobs")
+STEP_COMMAND = ("python", "-m", "pipeline.cloud.jobs")
 
 # Custom job states in which the job can no longer write checkpoints or bill.
 ENDED_STATES = frozenset(
