@@ -577,18 +577,22 @@ def matched_stages(config: SimCLRConfig, spec: registry.Stage) -> list[MatchedSt
     its own steps (empty for any other stage, or with --baseline_budget=epochs)."""
     if spec.role != registry.BASELINE or config.stage(spec.name).baseline_budget != "steps":
         return []
-    return [
-        MatchedStage(
-            stage=other.name,
-            train_batch_size=config.stage(other.name).train_batch_size,
-            train_epochs=config.stage(other.name).train_epochs,
-            train_steps=config.stage(other.name).train_steps,
-            reads_unlabeled=other.reads_unlabeled,
-            recipe_epochs=other.recipe_epochs and config.recipe_epochs,
+    matched = []
+    for other in registry.active(config):
+        if other.role == registry.BASELINE:
+            continue
+        section = config.stage(other.name)
+        matched.append(
+            MatchedStage(
+                stage=other.name,
+                train_batch_size=section.train_batch_size,
+                train_epochs=section.train_epochs,
+                train_steps=section.train_steps,
+                reads_unlabeled=other.reads_unlabeled,
+                recipe_epochs=other.recipe_epochs and config.recipe_epochs,
+            )
         )
-        for other in registry.active(config)
-        if other.role != registry.BASELINE
-    ]
+    return matched
 
 
 def validate(config: SimCLRConfig, num_replicas: int = 1) -> None:

@@ -8,6 +8,7 @@ checkpoints, evaluation and export.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -79,7 +80,7 @@ class Task:
         t = config.train
         self.train_epochs = t.train_epochs
         if config.labels is not None and config.labels.recipe_epochs and not t.train_steps:
-            self.train_epochs = self._recipe_epochs(len(keys))
+            self.train_epochs = self._recipe_epochs()
         self.total_steps = total_train_steps(
             self.num_examples, self.batch_size, self.train_epochs, t.train_steps
         )
@@ -94,17 +95,26 @@ class Task:
         return task
 
     # ----- data -----
-    def _recipe_epochs(self, train_split_size: int) -> int:
-        """The semi-supervised recipe's epochs for the labeled fraction actually read: labeled
-        examples this stage trains on over all examples pretraining read (the labeled train
-        split and the unlabeled pool), never a guess from a file name."""
+    @functools.cached_property
+    def pretraining_read(self) -> int:
+        """Examples pretraining read, for a stage that trains on the labeled train split: that
+        split plus the unlabeled pool beside it (its records counted once)."""
         pool = data_lib.pool_files_beside(self.inputs.train_files)
-        pretraining_read = train_split_size + (data_lib.count_records(pool) if pool else 0)
-        fraction = self.num_examples / max(1, pretraining_read)
-        epochs = semi_supervised_epochs(fraction)
+        return len(self.all_keys) + (data_lib.count_records(pool) if pool else 0)
+
+    def recipe_epochs(self) -> int:
+        """The semi-supervised recipe's epochs for the labeled fraction actually read: labeled
+        examples this stage trains on over all examples pretraining read, never a guess from a
+        file name."""
+        return semi_supervised_epochs(self.num_examples / max(1, self.pretraining_read))
+
+    def _recipe_epochs(self) -> int:
+        """`recipe_epochs`, announced with the fraction it comes from."""
+        epochs, read = self.recipe_epochs(), self.pretraining_read
         print(
-            f"{self.config.stage}: {self.num_examples} labeled of the {pretraining_read} examples "
-            f"pretraining read ({fraction:.2%}): {epochs} epochs (semi-supervised recipe)",
+            f"{self.config.stage}: {self.num_examples} labeled of the {read} examples "
+            f"pretraining read ({self.num_examples / max(1, read):.2%}): {epochs} epochs "
+            "(semi-supervised recipe)",
             flush=True,
         )
         return epochs
@@ -148,9 +158,9 @@ class Task:
         """The configured batch, unless the training set is smaller: then the largest batch of
         whole replicas that fits, with a warning (an endless repeat would otherwise show every
         image several times per step)."""
-        if batch <= self.num_examples:
+        fitted = fit_batch(batch, self.num_examples, num_replicas)
+        if fitted == batch:
             return batch
-        fitted = max(num_replicas, self.num_examples // num_replicas * num_replicas)
         print(
             f"warning: {self.config.stage}: batch {batch} is larger than the "
             f"{self.num_examples} training examples; using batch {fitted}",
@@ -190,7 +200,10 @@ class Task:
 
     # ----- the stage's own parts -----
     def build_model(self) -> SimCLRModel:
-        raise NotImplementedError
+        """The stage's network with a supervised head, from random initialization (`config.model`
+        is already this stage's: the distillation student's depth and width)."""
+        c = self.config
+        return SimCLRModel(c.model, self.inputs.num_classes, c.input.image_size, pretraining=False)
 
     def initialize(self, model: SimCLRModel) -> None:
         """Loads what the stage starts from (a base model, a teacher) into the built model."""
@@ -315,6 +328,14 @@ class Task:
             record(metrics, total_loss=total, weight_decay=wd, **terms)
 
         return step
+
+
+def fit_batch(batch: int, examples: int, num_replicas: int) -> int:
+    """`batch`, or when the examples are fewer, the largest batch of whole replicas they fill
+    (at least one example per replica)."""
+    if batch <= examples:
+        return batch
+    return max(num_replicas, examples // num_replicas * num_replicas)
 
 
 def weighted_sum(terms: Mapping[str, tf.Tensor], weights: Mapping[str, float]) -> tf.Tensor:

@@ -8,11 +8,10 @@ what that stage reads, as that stage counts it (`TrainerConfig.matched`).
 
 from __future__ import annotations
 
-from models import data as data_lib
-from models.config import MatchedStage, TrainerConfig, semi_supervised_epochs
+from models.config import MatchedStage, TrainerConfig
 from models.model import SimCLRModel
 from models.schedule import total_train_steps
-from models.tasks.base import StageInputs
+from models.tasks.base import StageInputs, Task, fit_batch
 from models.tasks.finetune import FinetuneTask
 
 
@@ -36,33 +35,21 @@ class BaselineTask(FinetuneTask):
             )
 
     def _steps_of(self, stage: MatchedStage, num_replicas: int) -> int:
-        """The steps `stage` trains, counted the way its own Task counts them."""
-        labeled = self.num_examples
-        read = labeled
-        if stage.reads_unlabeled:
-            pool = data_lib.pool_files_beside(self.inputs.train_files)
-            read = len(self.all_keys) + (data_lib.count_records(pool) if pool else 0)
-        batch = stage.train_batch_size
-        if batch > read:
-            batch = max(num_replicas, read // num_replicas * num_replicas)
+        """The steps `stage` trains, counted the way its own Task counts them: over the labeled
+        split and the pool, or over the labeled examples this baseline reads too."""
+        read = self.pretraining_read if stage.reads_unlabeled else self.num_examples
+        batch = fit_batch(stage.train_batch_size, read, num_replicas)
         epochs = stage.train_epochs
         if stage.recipe_epochs and not stage.train_steps:
-            pool = data_lib.pool_files_beside(self.inputs.train_files)
-            pretraining_read = len(self.all_keys) + (data_lib.count_records(pool) if pool else 0)
-            epochs = semi_supervised_epochs(labeled / max(1, pretraining_read))
+            epochs = self.recipe_epochs()
         return total_train_steps(read, batch, epochs, stage.train_steps)
 
     @property
     def eval_label(self) -> str:
         return "baseline (supervised, random initialization)"
 
-    def build_model(self) -> SimCLRModel:
-        return SimCLRModel(
-            self.config.model,
-            self.inputs.num_classes,
-            self.config.input.image_size,
-            pretraining=False,
-        )
+    # A fresh supervised network, not fine-tuning's (which may import a released backbone).
+    build_model = Task.build_model
 
     def initialize(self, model: SimCLRModel) -> None:
         """Nothing to load: the baseline starts from random initialization."""

@@ -18,15 +18,6 @@ class DistillTask(Task):
     progress_metrics = PROGRESS_METRICS
     teacher = None
 
-    def build_model(self) -> SimCLRModel:
-        # config.model is the student's network (the pipeline sets its depth and width).
-        return SimCLRModel(
-            self.config.model,
-            self.inputs.num_classes,
-            self.config.input.image_size,
-            pretraining=False,
-        )
-
     def initialize(self, model: SimCLRModel) -> None:
         self.teacher = tf.saved_model.load(self.inputs.base_model)
         print(f"distill: teacher {self.inputs.base_model}", flush=True)

@@ -188,32 +188,10 @@ def test_knn_section_without_the_monitor(tmp_path):
     assert "--knn_every_epochs" in text and report.BELOW_RAW_PIXELS not in text
 
 
-def test_comparison_section_shows_both_models_per_class_and_the_gate():
-    from pipeline.components.baseline_comparison import Comparison
+def test_comparison_section_shows_both_models_per_class_and_the_gate(compared_summary):
     from pipeline.runner.summary import RunSummary
 
-    summary = RunSummary(run_id="r")
-    summary.stage_results = {
-        "pretrain": {"total_steps": 30, "seconds": {"train": 20.0}},
-        "finetune": {"total_steps": 10, "seconds": {"train": 4.0}},
-        "baseline": {"total_steps": 40, "seconds": {"train": 15.0}},
-    }
-    summary.comparison = Comparison(
-        examples=40,
-        candidate_top1=0.55,
-        candidate_top5=0.9,
-        baseline_top1=0.6,
-        baseline_top5=0.92,
-        top1_gain=-0.05,
-        top5_gain=-0.02,
-        top1_gain_ci=(-0.12, 0.02),
-        top5_gain_ci=None,
-        candidate_top1_by_class={0: 0.5, 1: 0.6},
-        baseline_top1_by_class={0: 0.7, 1: 0.5},
-        min_gain=0.02,
-        gate_passed=False,
-        gate_message="candidate top-1 0.5500 is 0.0500 below the baseline's 0.6000",
-    )
+    summary = compared_summary()
     page = _Page()
     page.feed("".join(report._comparison(summary, ["cat", "<dog>"])))
     assert page.table(["", "candidate (SimCLR)", "supervised baseline", "difference"]) == [

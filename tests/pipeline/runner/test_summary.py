@@ -76,37 +76,8 @@ def test_lines_say_which_model_a_warm_started_pretraining_began_from():
     assert not any("--warm_start" in line for line in RunSummary(run_id="r").lines())
 
 
-def _comparison(**kwargs):
-    from pipeline.components.baseline_comparison import Comparison
-
-    values = dict(
-        examples=40,
-        candidate_top1=0.55,
-        candidate_top5=0.9,
-        baseline_top1=0.6,
-        baseline_top5=0.92,
-        top1_gain=-0.05,
-        top5_gain=-0.02,
-        top1_gain_ci=(-0.12, 0.02),
-        top5_gain_ci=None,
-        candidate_top1_by_class={0: 0.5, 1: 0.6},
-        baseline_top1_by_class={0: 0.7, 1: 0.5},
-        min_gain=0.02,
-        gate_passed=False,
-        gate_message="candidate top-1 0.5500 is 0.0500 below the baseline's 0.6000",
-    )
-    return Comparison(**{**values, **kwargs})
-
-
-def test_lines_keep_the_baseline_comparison_apart_with_the_compute_each_used():
-    summary = RunSummary(run_id="r", top1=0.55, top5=0.9, example_count=40, baseline_top1=0.5)
-    summary.stage_results = {
-        "pretrain": {"total_steps": 30, "seconds": {"train": 20.0}},
-        "finetune": {"total_steps": 10, "seconds": {"train": 4.0}},
-        "baseline": {"total_steps": 40, "seconds": {"train": 15.0}},
-    }
-    summary.comparison = _comparison()
-    lines = summary.lines()
+def test_lines_keep_the_baseline_comparison_apart_with_the_compute_each_used(compared_summary):
+    lines = compared_summary().lines()
     # The regression gate's baseline (the last blessed model) and the supervised baseline are
     # two evaluations, on two lines.
     assert "baseline (last blessed model) top-1 0.5000" in lines
@@ -121,7 +92,6 @@ def test_lines_keep_the_baseline_comparison_apart_with_the_compute_each_used():
     assert "gain gate: FAILED: candidate top-1 0.5500 is 0.0500 below the baseline's 0.6000" in (
         lines
     )
-    summary.comparison = _comparison(min_gain=None, gate_passed=None, top1_gain_ci=None)
-    lines = summary.lines()
+    lines = compared_summary(min_gain=None, gate_passed=None, top1_gain_ci=None).lines()
     assert not any(line.startswith("gain gate") for line in lines)
     assert any(line.endswith("gain -0.0500; top-5 0.9000 vs. 0.9200") for line in lines)
