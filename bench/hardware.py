@@ -91,6 +91,11 @@ def has_amx(info: CpuInfo) -> bool:
     return all(flag in info.extensions for flag in AMX_FLAGS)
 
 
+def describe(info: CpuInfo) -> str:
+    """The CPU as every benchmark table names it: model, AMX or not, cores."""
+    return f"{info.model} ({'AMX' if has_amx(info) else 'no AMX'}), {info.cores} cores"
+
+
 def peak_gflops(info: CpuInfo, precision: str) -> float | None:
     per_cycle = flops_per_cycle(info, precision)
     if per_cycle is None or not info.base_ghz:

@@ -101,8 +101,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(json.dumps(row), flush=True)
         out.append(row)
     cpu = hardware.cpu_info()
-    amx = "amx_bf16" in cpu.extensions
-    print(f"CPU: {cpu.model} ({'AMX' if amx else 'no AMX'}), {cpu.cores} cores", flush=True)
+    print(f"CPU: {hardware.describe(cpu)}", flush=True)
     print("| label fraction | labeled images | s/batch | labeled images/s |")
     print("|---|---|---|---|")
     for r in out:

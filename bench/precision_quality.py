@@ -2,7 +2,7 @@
 against float32, one after the other in one command, on the same Transform output and budget.
 
     python bench/precision_quality.py --budget_minutes=5 --label_fractions=0.01 \
-        [--out=output/precision_quality] [any other bench/quality.py flag]
+        [--pipeline_dir=DIR] [--out=output/precision_quality] [any other bench/quality.py flag]
 
 On a CPU with AMX, auto means bfloat16: more steps fit the same minutes, so the kNN margin over
 the higher floor (random-init encoder, raw pixels) should grow, and no arm may fall by more than
@@ -38,9 +38,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         action="store_true",
         help="Allow --step_seconds (both arms then train the same steps: a smoke test only).",
     )
+    p.add_argument(
+        "--pipeline_dir",
+        default="",
+        help="A local_runner.py --model_dir whose Transform output both arms reuse; default: "
+        "the first arm runs the pipeline and the second reuses its output.",
+    )
     args, rest = p.parse_known_args(argv)
-    if any(f.startswith(("--mixed_precision", "--pipeline_dir")) for f in rest):
-        p.error("--mixed_precision and --pipeline_dir are set by this script")
+    if any(f.startswith("--mixed_precision") for f in rest):
+        p.error("--mixed_precision is set by this script")
     if any(f.startswith("--step_seconds") for f in rest) and not args.same_steps:
         # The point is how many steps each precision fits into the same minutes.
         p.error("--step_seconds gives both precisions the same steps; leave calibration on")
@@ -111,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args, rest = parse_args(argv)
     out = pathlib.Path(args.out).resolve()
     results = {}
-    pipeline_dir: list[str] = []
+    pipeline_dir = [f"--pipeline_dir={args.pipeline_dir}"] if args.pipeline_dir else []
     for arm in ARMS:
         arm_out = out / arm
         cmd = [sys.executable, str(QUALITY), f"--out={arm_out}", f"--mixed_precision={arm}"]

@@ -282,7 +282,7 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 # ----- the unlabeled pool (the ExampleGen split 'unlabeled', label -1 on every record) -----
 
 
-def _split_name(pattern: str) -> str:
+def split_name(pattern: str) -> str:
     """The split of a TFX split file pattern `<artifact uri>/Split-<name>/*`."""
     folder = posixpath.basename(posixpath.dirname(pattern.rstrip("/")))
     return folder.removeprefix("Split-") if folder.startswith("Split-") else ""
@@ -290,7 +290,7 @@ def _split_name(pattern: str) -> str:
 
 def labeled_split_files(files: Sequence[str]) -> list[str]:
     """`files` without the unlabeled pool's: what a labeled-only reader (the kNN bank) reads."""
-    return [f for f in files if _split_name(f) != UNLABELED_SPLIT]
+    return [f for f in files if split_name(f) != UNLABELED_SPLIT]
 
 
 def pool_files_beside(files: Sequence[str]) -> list[str]:
@@ -303,7 +303,7 @@ def pool_files_beside(files: Sequence[str]) -> list[str]:
     for f in files:
         artifact = posixpath.dirname(posixpath.dirname(f.rstrip("/")))
         pattern = posixpath.join(artifact, f"Split-{UNLABELED_SPLIT}", posixpath.basename(f))
-        if _split_name(f) and pattern not in out and tf.io.gfile.glob(pattern):
+        if split_name(f) and pattern not in out and tf.io.gfile.glob(pattern):
             out.append(pattern)
     return out
 

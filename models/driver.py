@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import tensorflow as tf
 import tensorflow_transform as tft
@@ -20,6 +20,7 @@ from models import export, train_loop
 from models.config import TrainerConfig
 from models.model import saved_model_dir
 from models.precision import resolve
+from models.split_records import SplitSize
 from models.strategy import (
     check_accelerator,
     is_chief,
@@ -61,12 +62,14 @@ def run_stage(
     checkpoint_dir: str = "",
     base_model: str | None = None,
     on_exported: Callable[[], None] | None = None,
+    split_sizes: Mapping[str, SplitSize] | None = None,
 ) -> dict[str, float]:
     """Trains one stage to its final step, evaluates it on the eval split and exports it.
 
     Checkpoints go to `checkpoint_dir` (default: under model_run_dir); a rerun pointed at the
     same directory continues from its newest checkpoint. `on_exported` runs on the chief once
-    the model is exported (the Trainer's checkpoint clean-up).
+    the model is exported (the Trainer's checkpoint clean-up). `split_sizes` (every split's
+    size from the pipeline's statistics) spares reading the records to count them.
     """
     config = resolve_precision(config)
     clock, rt = train_loop.PhaseClock(), config.runtime
@@ -78,7 +81,9 @@ def run_stage(
         tft_output = tft.TFTransformOutput(transform_output_dir)
         label_names = tp.read_label_names(tft_output)
         base = saved_model_dir(base_model) if base_model else None
-        inputs = StageInputs(train_files, eval_files, transform_output_dir, len(label_names), base)
+        inputs = StageInputs(
+            train_files, eval_files, transform_output_dir, len(label_names), base, split_sizes
+        )
         task_class = registry.get(config.stage).task_class()
         task = task_class(config, inputs, strategy.num_replicas_in_sync)
         restore_dir = checkpoint_dir or os.path.join(model_run_dir, "checkpoints")

@@ -174,6 +174,7 @@ class KnnMonitor:
         k: int = DEFAULT_K,
         temperature: float = DEFAULT_TEMPERATURE,
         starts_trained: bool = False,
+        bank_size: int | None = None,
     ):
         if every_steps < 1:
             raise ValueError(
@@ -181,6 +182,7 @@ class KnnMonitor:
             )
         self.model = model
         self.train_files = train_files
+        self.bank_size = bank_size  # records in train_files, when known without reading them
         self.eval_files = eval_files
         self.spec = spec
         self.batch_size = batch_size
@@ -216,7 +218,9 @@ class KnnMonitor:
 
     def raw_pixel_accuracy(self) -> float | None:
         """kNN top-1 on raw pixels; None when their bank would exceed MAX_PIXEL_BANK_BYTES."""
-        count = len(data_lib.read_labels_and_keys(self.train_files)[0])
+        count = self.bank_size
+        if count is None:
+            count = len(data_lib.read_labels_and_keys(self.train_files)[0])
         per_image = 4 * 3 * self.spec.image_size**2
         if count * per_image > MAX_PIXEL_BANK_BYTES:
             print(

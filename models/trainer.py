@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from models.config import TrainerConfig
 from models.driver import run_stage
+from models.split_records import SPLIT_SIZES_KEY, sizes_from_json
 
 # Options that change how a stage reports, evaluates or how often it saves, never what it trains:
 # left out of the checkpoint key, so changing them on a rerun still resumes.
@@ -141,4 +142,5 @@ def run_fn(fn_args: Any) -> None:
         on_exported=functools.partial(_report_removed, root, config.stage, ckpt_dir)
         if root
         else None,
+        split_sizes=sizes_from_json(custom.get(SPLIT_SIZES_KEY)),
     )

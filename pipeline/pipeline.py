@@ -32,6 +32,7 @@ from pipeline.components.image_example_gen.executor import (
     discover_splits,
 )
 from pipeline.components.tfrecord_example_gen import make_tfrecord_example_gen
+from pipeline.components.trainer import Trainer
 from pipeline.configs import (
     DATASET_CLASSES,
     UNLABELED_TFRECORD_SPLITS,
@@ -335,8 +336,9 @@ def create_pipeline(
 ) -> tfx.dsl.Pipeline:
     """The pipeline; the optional factories let a runner choose where Trainers and pushes run.
 
-    trainer_factory takes the keyword arguments of `tfx.components.Trainer` and returns the
-    component (default: that Trainer, run in-process); e.g. the Vertex AI Trainer extension.
+    trainer_factory takes the keyword arguments of `pipeline.components.trainer.Trainer` (TFX's
+    Trainer with the statistics as an input) and returns the component (default: that Trainer,
+    run in-process); e.g. the Vertex AI Trainer.
     extra_pusher, if given, takes `model=` and `model_blessing=` and returns a second pusher
     (e.g. to a Vertex AI endpoint) that runs next to the filesystem Pusher.
     warm_start_model, with --warm_start: the URI of the pretrained Model to start from, resolved
@@ -406,6 +408,7 @@ def create_pipeline(
         layout,
         transform,
         schema_gen,
+        statistics_gen,
         pipeline_root,
         components,
         trainer_factory,
@@ -431,6 +434,7 @@ def _trainers(
     layout: DataLayout,
     transform: BaseComponent,
     schema_gen: BaseComponent,
+    statistics_gen: BaseComponent,
     pipeline_root: str,
     components: list[BaseComponent],
     trainer_factory: Callable[..., BaseComponent] | None,
@@ -441,11 +445,13 @@ def _trainers(
     trainer_code = code_digest(TRAINER_CODE)
 
     def trainer(stage: str, base_model=None) -> BaseComponent:
-        return (trainer_factory or tfx.components.Trainer)(
+        return (trainer_factory or Trainer)(
             run_fn=TRAINER_RUN_FN,
             examples=transform.outputs["transformed_examples"],
             transform_graph=transform.outputs["transform_graph"],
             schema=schema_gen.outputs["schema"],
+            # Split sizes without reading the records (Transform writes one record per input).
+            statistics=statistics_gen.outputs["statistics"],
             base_model=base_model,
             train_args=tfx.proto.TrainArgs(splits=layout.stage_splits(stage)),
             eval_args=tfx.proto.EvalArgs(splits=[layout.eval_split]),

@@ -36,9 +36,16 @@ def pipeline_scenario(cifar_dir, tmp_path_factory):
     return pipeline_runs.build_scenario(cifar_dir, tmp_path_factory.mktemp("scenario"))
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """With pytest-xdist (`--dist loadgroup`), the tests that share the session's pipeline
-    scenario run on one worker, so it is built once."""
+    scenario run on one worker, so it is built once (this must run before xdist's own hook,
+    which reads the group marker to route the tests). The end-to-end tests go first: the long
+    runs are spread over both workers early instead of ending the suite on one of them, the
+    scenario's tests (the longest unit of work) first of all."""
+    shared = set()
     for item in items:
         if "pipeline_scenario" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("pipeline_scenario"))
+            shared.add(item)
+    items.sort(key=lambda item: (item not in shared, item.get_closest_marker("e2e") is None))

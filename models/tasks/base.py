@@ -20,10 +20,11 @@ import tf_keras as keras
 
 from models import data as data_lib
 from models import knn
-from models.config import TrainerConfig, semi_supervised_epochs
+from models.config import UNLABELED_SPLIT, TrainerConfig, semi_supervised_epochs
 from models.model import SimCLRModel
 from models.optimizers import build_optimizer, weight_decay_loss
 from models.schedule import WarmUpAndCosineDecay, total_train_steps
+from models.split_records import SplitRecords, SplitSize
 from models.strategy import wrap_optimizer
 from models.train_loop import LoopSettings
 
@@ -40,6 +41,8 @@ class StageInputs:
     transform_output_dir: str
     num_classes: int
     base_model: str | None = None
+    # Every split's size from the pipeline's statistics (none: records are counted by reading).
+    split_sizes: Mapping[str, SplitSize] | None = None
 
 
 class Task:
@@ -67,13 +70,12 @@ class Task:
             image_format=config.input.image_format,
             image_size=config.input.image_size,
         )
-        labels, keys = data_lib.read_labels_and_keys(inputs.train_files)
-        self.all_keys, self.all_labels = keys, labels
+        self.records = SplitRecords(inputs.train_files, inputs.split_sizes)
         self.split_bytes = data_lib.split_bytes(inputs.train_files)
-        self.shuffle_buffer = data_lib.shuffle_buffer_size(self.split_bytes, len(keys))
-        self.labeled_keys = self._select_labeled(labels, keys)
+        self.shuffle_buffer = data_lib.shuffle_buffer_size(self.split_bytes, self.records.count)
+        self.labeled_keys = self._select_labeled()
         trained = self.training_keys()
-        self.num_examples = len(keys if trained is None else trained)
+        self.num_examples = self.records.count if trained is None else len(trained)
         if self.num_examples == 0:
             raise ValueError(f"{config.stage}: the training split has no examples")
         self.batch_size = self._fit_batch(config.train.train_batch_size, num_replicas)
@@ -97,10 +99,11 @@ class Task:
     # ----- data -----
     @functools.cached_property
     def pretraining_read(self) -> int:
-        """Examples pretraining read, for a stage that trains on the labeled train split: that
-        split plus the unlabeled pool beside it (its records counted once)."""
-        pool = data_lib.pool_files_beside(self.inputs.train_files)
-        return len(self.all_keys) + (data_lib.count_records(pool) if pool else 0)
+        """Examples pretraining read: the labeled train split and the unlabeled pool (which a
+        stage that trains on the labeled split alone does not read itself)."""
+        records = self.records
+        pool = 0 if UNLABELED_SPLIT in records.splits else records.pool_size()
+        return records.count + pool
 
     def recipe_epochs(self) -> int:
         """The semi-supervised recipe's epochs for the labeled fraction actually read: labeled
@@ -119,26 +122,26 @@ class Task:
         )
         return epochs
 
-    def _select_labeled(self, labels: np.ndarray, keys: np.ndarray) -> np.ndarray | None:
+    def _select_labeled(self) -> np.ndarray | None:
         """Keys of the labeled subset (label_subset / label_fraction), or None for all labels.
 
         Chosen among the examples that have a label: the unlabeled pool's (-1) never count.
+        Only here are the records' keys read.
         """
         sel, stage = self.config.labels, self.config.stage
-        if sel is None:
+        if sel is None or not (sel.label_subset or sel.label_fraction < 1.0):
             return None
+        labels, keys = self.records.labels_and_keys
         keys = keys[labels >= 0]
         labels = labels[labels >= 0]
         if sel.label_subset:
             chosen = data_lib.select_listed(keys, sel.label_subset)
             how = f"label_subset={sel.label_subset}"
-        elif sel.label_fraction < 1.0:
+        else:
             chosen = data_lib.select_label_fraction(
                 labels, keys, sel.label_fraction, sel.label_fraction_seed
             )
             how = f"label_fraction={sel.label_fraction}"
-        else:
-            return None
         print(f"{stage}: {len(chosen)} of {len(keys)} labeled examples ({how})", flush=True)
         return chosen
 
@@ -148,11 +151,11 @@ class Task:
 
     def num_unlabeled(self) -> int:
         """Examples this stage trains on without a label (-1: the unlabeled pool)."""
-        unlabeled = self.all_labels < 0
         trained = self.training_keys()
-        if trained is None or not unlabeled.any():
-            return int(unlabeled.sum())
-        return int(np.isin(trained, self.all_keys[unlabeled]).sum())
+        if trained is None or not self.records.unlabeled:
+            return self.records.unlabeled
+        labels, keys = self.records.labels_and_keys
+        return int(np.isin(trained, keys[labels < 0]).sum())
 
     def _fit_batch(self, batch: int, num_replicas: int) -> int:
         """The configured batch, unless the training set is smaller: then the largest batch of
@@ -171,7 +174,7 @@ class Task:
     def subset_fits_in_memory(self, count: int) -> bool:
         """Whether `count` of the split's records are small enough to keep in memory (a 1% or
         10% labeled subset of CIFAR-10: 1.3 / 13 MB), estimated from the split's file size."""
-        share = count / max(1, len(self.all_keys))
+        share = count / max(1, self.records.count)
         return self.split_bytes * share <= data_lib.FULL_SHUFFLE_BYTES
 
     def dataset(
@@ -272,6 +275,9 @@ class Task:
             "train_epochs": self.train_epochs,
             "num_train_examples": self.num_examples,
             "num_unlabeled_train_examples": self.num_unlabeled(),
+            # Passes over the training records to count them or select labels (0 when the
+            # pipeline's statistics sized every split and no label subset was asked for).
+            "counting_passes": self.records.reads,
         }
         with tf.io.gfile.GFile(path, "w") as f:
             json.dump({**summary, **metrics, "seconds": seconds}, f, indent=2)

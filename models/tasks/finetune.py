@@ -28,8 +28,9 @@ class FinetuneTask(Task):
     loss_weights = MappingProxyType({"supervised_loss": 1.0})
 
     def training_keys(self) -> np.ndarray | None:
-        if self.labeled_keys is None and (self.all_labels < 0).any():
-            return self.all_keys[self.all_labels >= 0]  # never fine-tune on label -1
+        if self.labeled_keys is None and self.records.unlabeled:
+            labels, keys = self.records.labels_and_keys
+            return keys[labels >= 0]  # never fine-tune on label -1
         return self.labeled_keys
 
     @property

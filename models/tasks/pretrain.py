@@ -10,6 +10,7 @@ from models.config import TrainerConfig
 from models.loss import contrastive_metrics, nt_xent_loss, partially_labeled_loss
 from models.model import SimCLRModel
 from models.schedule import total_train_steps
+from models.split_records import SplitRecords
 from models.tasks.base import StageInputs, Task
 
 METRIC_NAMES = (
@@ -117,9 +118,12 @@ class PretrainTask(Task):
         every = self.config.train.knn_every_epochs
         if every <= 0:
             return None
+        bank = SplitRecords(  # the bank needs labels: the labeled splits
+            data_lib.labeled_split_files(self.inputs.train_files), self.inputs.split_sizes
+        )
         return knn.KnnMonitor(
             model,
-            data_lib.labeled_split_files(self.inputs.train_files),  # the bank needs labels
+            bank.files,
             self.inputs.eval_files,
             self.spec,
             batch_size=self.config.runtime.eval_batch_size,
@@ -128,4 +132,5 @@ class PretrainTask(Task):
             checkpoint_every=checkpoint_every,
             total_steps=self.total_steps,
             starts_trained=self.warm_started,
+            bank_size=bank.count if bank.sized else None,
         )

@@ -36,12 +36,12 @@ from typing import Any
 from tfx.components.trainer import executor as tfx_trainer_executor
 from tfx.dsl.components.base import executor_spec
 from tfx.extensions.google_cloud_ai_platform import constants, training_clients
-from tfx.extensions.google_cloud_ai_platform.trainer import component as vertex_trainer_component
 from tfx.extensions.google_cloud_ai_platform.trainer import executor as vertex_executor
 from tfx.types import standard_component_specs
 from tfx.utils import json_utils, name_utils
 
 from models.trainer import LEASE_FILE
+from pipeline.components.trainer import Trainer, with_split_sizes
 
 # What every step of the compiled pipeline runs instead of TFX's executor entry point: the same
 # entry point (`TFX_STEP_MODULE`), under `main`.
@@ -347,6 +347,8 @@ class LeasedTrainerExecutor(vertex_executor.GenericExecutor):
         exec_properties: dict[str, Any],
     ) -> None:
         self._log_startup(input_dict, output_dict, exec_properties)
+        # The job's run_fn gets the split sizes: the statistics are read here, once.
+        exec_properties = with_split_sizes(input_dict, exec_properties)
         custom_config = json_utils.loads(
             exec_properties.get(standard_component_specs.CUSTOM_CONFIG_KEY, "null")
         )
@@ -378,8 +380,8 @@ class LeasedTrainerExecutor(vertex_executor.GenericExecutor):
             )
 
 
-class VertexTrainer(vertex_trainer_component.Trainer):
-    """TFX's Vertex AI Trainer, run by `LeasedTrainerExecutor`."""
+class VertexTrainer(Trainer):
+    """The pipeline's Trainer as TFX's Vertex AI Trainer runs it, by `LeasedTrainerExecutor`."""
 
     EXECUTOR_SPEC = executor_spec.ExecutorClassSpec(LeasedTrainerExecutor)
 

@@ -448,3 +448,6 @@ def test_precision_comparison_judges_margin_and_every_trained_arm():
         precision_quality.parse_args(["--step_seconds=pretrain=1,supervised=1,linear=1"])
     args, rest = precision_quality.parse_args(["--same_steps", "--step_seconds=pretrain=1"])
     assert args.same_steps and rest == ["--step_seconds=pretrain=1"]
+    # An existing pipeline's Transform output serves both arms (not handed on twice).
+    args, rest = precision_quality.parse_args(["--pipeline_dir=/runs/cifar", "--budget_minutes=5"])
+    assert args.pipeline_dir == "/runs/cifar" and rest == ["--budget_minutes=5"]

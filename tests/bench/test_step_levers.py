@@ -143,3 +143,7 @@ def test_amx_cpus_get_the_bfloat16_rows_of_both_settings():
     assert hardware.has_amx(_cpu("GenuineIntel", "avx512f avx512_bf16 amx_bf16 amx_tile"))
     assert not hardware.has_amx(_cpu("GenuineIntel", "avx512f avx512_bf16"))
     assert not hardware.has_amx(_cpu("GenuineIntel", "avx512f amx_bf16"))
+    assert hardware.describe(_cpu("GenuineIntel", "amx_bf16 amx_tile", model="Xeon")) == (
+        "Xeon (AMX), 2 cores"
+    )
+    assert hardware.describe(_cpu("AuthenticAMD", "avx2", model="EPYC")) == "EPYC (no AMX), 2 cores"

@@ -26,6 +26,7 @@ from models.config import (
     TrainerConfig,
     semi_supervised_epochs,
 )
+from models.split_records import SplitSize
 from models.tasks import TASKS, StageInputs
 from models.tasks.base import Task
 from models.tasks.distill import DistillTask
@@ -68,13 +69,20 @@ def _data(tmp_path: pathlib.Path, per_class: int, pool: int) -> dict[str, str]:
     return files
 
 
-def _task(stage: str, flags: dict, files: dict[str, str], splits: list[str]):
+def _task(
+    stage: str,
+    flags: dict,
+    files: dict[str, str],
+    splits: list[str],
+    sizes: dict[str, SplitSize] | None = None,
+):
     config = build_config({"dataset": "digits", **flags})
     inputs = StageInputs(
         train_files=[files[s] for s in splits],
         eval_files=[files["test"]],
         transform_output_dir="",
         num_classes=NUM_CLASSES,
+        split_sizes=sizes,
     )
     return TASKS[stage](trainer_config(config, stage), inputs, 1)
 
@@ -149,6 +157,58 @@ def test_fine_tuning_never_trains_on_label_minus_one(tmp_path):
     assert np.array_equal(
         np.sort(task.training_keys()), [b"train/00000.png", b"train/00001.png", b"train/00003.png"]
     )
+
+
+def _stats(labels: dict[str, list[int]]) -> dict[str, SplitSize]:
+    """What StatisticsGen reports of each split: its size and its label range."""
+    return {s: SplitSize(len(v), min(v), max(v)) for s, v in labels.items()}
+
+
+STAGE_READS = {
+    "pretrain": ["train", "unlabeled"],
+    "distill": ["train", "unlabeled"],
+    "finetune": ["train"],
+    "baseline": ["train"],
+}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_READS))
+@pytest.mark.parametrize("label_fraction", [1.0, 0.1])
+def test_split_sizes_from_the_statistics_spare_reading_the_records(tmp_path, stage, label_fraction):
+    labels = {"train": [c for c in range(NUM_CLASSES) for _ in range(20)], "unlabeled": [-1] * 300}
+    files = _data(tmp_path, per_class=20, pool=300)
+    flags = {"unlabeled_dir": str(tmp_path), "label_fraction": label_fraction}
+    if stage == "baseline":
+        flags["baseline"] = "supervised"
+    splits = STAGE_READS[stage]
+    read = _task(stage, flags, files, splits)
+    sized = _task(stage, flags, files, splits, _stats({**labels, "test": list(range(10))}))
+    # The same counts, schedule and shuffle either way ...
+    answers = [
+        (t.num_examples, t.num_unlabeled(), t.pretraining_read, t.total_steps, t.shuffle_buffer)
+        for t in (read, sized)
+    ]
+    assert answers[0] == answers[1]
+    assert read.pretraining_read == 500  # the pool counts in what pretraining read, always
+    # ... but with the statistics the records are read only to select a label subset.
+    assert read.records.reads >= 1
+    assert sized.records.reads == (0 if sized.labeled_keys is None else 1)
+    if label_fraction < 1 and stage != "pretrain":
+        assert sized.records.reads == 1
+
+
+def test_statistics_that_cannot_settle_the_labels_lead_to_reading_them(tmp_path):
+    """A labeled split whose label range spans -1 holds some unlabeled records: only reading
+    them tells how many."""
+    artifact = tmp_path / "transformed_examples"
+    files = {
+        "train": _write_split(artifact, "train", [0, 1, -1, 2, -1]),
+        "test": _write_split(artifact, "test", [0, 1, 2]),
+    }
+    task = _task("finetune", {}, files, ["train"], {"train": SplitSize(5, -1, 2)})
+    assert task.num_examples == 3 and task.records.reads == 1
+    task = _task("pretrain", {}, files, ["train"], {"train": SplitSize(5, None, None)})
+    assert (task.num_examples, task.num_unlabeled(), task.records.reads) == (5, 2, 1)
 
 
 def test_the_knn_memory_bank_is_the_labeled_train_split_only(tmp_path):
