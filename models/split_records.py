@@ -88,17 +88,15 @@ class SplitRecords:
                 return sum(parts)
         return int((self.labels_and_keys[0] < 0).sum())
 
-    def pool_size(self) -> int:
-        """Records of the unlabeled pool, whether or not this stage reads it: fine-tuning's
-        semi-supervised recipe needs the size of everything pretraining read."""
+    def unread_pool_size(self) -> int:
+        """Records of the unlabeled pool when this stage does not read it (0 when it does, as
+        `count` holds them): fine-tuning's semi-supervised recipe needs the size of everything
+        pretraining read."""
         if UNLABELED_SPLIT in self.splits:
-            return self.sizes[UNLABELED_SPLIT].examples if self.sized else self._read_pool()
+            return 0
         if self.sizes:
             size = self.sizes.get(UNLABELED_SPLIT)
             return size.examples if size else 0
-        return self._read_pool()
-
-    def _read_pool(self) -> int:
         pool = data_lib.pool_files_beside(self.files)
         if not pool:
             return 0

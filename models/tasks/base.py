@@ -20,7 +20,7 @@ import tf_keras as keras
 
 from models import data as data_lib
 from models import knn
-from models.config import UNLABELED_SPLIT, TrainerConfig, semi_supervised_epochs
+from models.config import TrainerConfig, semi_supervised_epochs
 from models.model import SimCLRModel
 from models.optimizers import build_optimizer, weight_decay_loss
 from models.schedule import WarmUpAndCosineDecay, total_train_steps
@@ -101,9 +101,7 @@ class Task:
     def pretraining_read(self) -> int:
         """Examples pretraining read: the labeled train split and the unlabeled pool (which a
         stage that trains on the labeled split alone does not read itself)."""
-        records = self.records
-        pool = 0 if UNLABELED_SPLIT in records.splits else records.pool_size()
-        return records.count + pool
+        return self.records.count + self.records.unread_pool_size()
 
     def recipe_epochs(self) -> int:
         """The semi-supervised recipe's epochs for the labeled fraction actually read: labeled
