@@ -490,7 +490,8 @@ class StepCost:
 
 @dataclass
 class StageRun:
-    """One Trainer stage: its eval results, its results.json, timeline and exported model."""
+    """One Trainer stage: its eval results, its results.json, timeline and exported model
+    (empty when the stage was not exported)."""
 
     results: dict[str, float]
     record: dict[str, Any]
@@ -603,14 +604,22 @@ class Bench:
         )
         return len(chosen)
 
-    def run(self, name: str, config: TrainerConfig, base_model: str | None = None) -> StageRun:
+    def run(
+        self,
+        name: str,
+        config: TrainerConfig,
+        base_model: str | None = None,
+        export: bool = False,
+    ) -> StageRun:
         """One Trainer stage through models.driver.run_stage, in a fresh folder (so never
-        resumed from an earlier run's checkpoints), evaluated on the test split."""
+        resumed from an earlier run's checkpoints), evaluated on the test split. Its model is
+        exported (to <run>/serving_model) only with `export`: the arms report their evaluation,
+        only the pretrained encoder is restored by later stages."""
         from models.driver import run_stage
 
         run_dir = self.runs / name
         shutil.rmtree(run_dir, ignore_errors=True)
-        serving = str(run_dir / "serving_model")
+        serving = str(run_dir / "serving_model") if export else ""
         print(f"== {name}", flush=True)
         reads_pool = registry.get(config.stage).reads_unlabeled
         results = run_stage(
@@ -1012,7 +1021,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # Pretraining. Its kNN monitor measures the floors before the first step (the encoder at
     # its random initialization, and raw pixels), then the encoder every knn_every epochs.
-    pretrain = bench.run("pretrain", bench.pretrain(steps["pretrain"], knn_every))
+    pretrain = bench.run("pretrain", bench.pretrain(steps["pretrain"], knn_every), export=True)
     pretrained, record = pretrain.serving_model_dir, pretrain.record
     missing = [m for m in (knn.METRIC, knn.RANDOM_INIT_METRIC) if m not in record]
     if missing:

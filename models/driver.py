@@ -69,7 +69,9 @@ def run_stage(
     Checkpoints go to `checkpoint_dir` (default: under model_run_dir); a rerun pointed at the
     same directory continues from its newest checkpoint. `on_exported` runs on the chief once
     the model is exported (the Trainer's checkpoint clean-up). `split_sizes` (every split's
-    size from the pipeline's statistics) spares reading the records to count them.
+    size from the pipeline's statistics) spares reading the records to count them. An empty
+    `serving_model_dir` skips the export, for runs whose model nothing serves or restores (a
+    benchmark's evaluation arms).
     """
     config = resolve_precision(config)
     clock, rt = train_loop.PhaseClock(), config.runtime
@@ -129,11 +131,12 @@ def run_stage(
             results = train_loop.evaluate(model, dataset)
             log_dir = os.path.join(run_dir, "eval")
             train_loop.log_eval(results, log_dir, task.total_steps, task.eval_label)
-    with clock.phase("export"):
-        module = export.ServingModule(
-            model, tft_output, label_names, task.spec.stored_size, task.spec.image_format
-        )
-        export.export_serving_model(module, export_dir)
+    if serving_model_dir:
+        with clock.phase("export"):
+            module = export.ServingModule(
+                model, tft_output, label_names, task.spec.stored_size, task.spec.image_format
+            )
+            export.export_serving_model(module, export_dir)
     seconds = clock.summary(PHASES)
     print(train_loop.format_seconds(config.stage, seconds), flush=True)
     knn = monitor.last if monitor else {}

@@ -19,9 +19,27 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 import tensorflow_model_analysis as tfma
-from tfx import v1 as tfx
-from tfx.components import ImportExampleGen
+from tfx.components import (
+    Evaluator,
+    ExampleValidator,
+    ImportExampleGen,
+    Pusher,
+    SchemaGen,
+    StatisticsGen,
+    Transform,
+)
 from tfx.dsl.components.base.base_component import BaseComponent
+from tfx.dsl.components.common.importer import Importer
+from tfx.dsl.components.common.resolver import Resolver, ResolverStrategy
+from tfx.dsl.experimental.conditionals.conditional import Cond
+from tfx.dsl.input_resolution.strategies.latest_blessed_model_strategy import (
+    LatestBlessedModelStrategy,
+)
+from tfx.orchestration.metadata import sqlite_metadata_connection_config
+from tfx.orchestration.pipeline import Pipeline
+from tfx.proto import example_gen_pb2, pusher_pb2, trainer_pb2, transform_pb2
+from tfx.types import standard_artifacts
+from tfx.types.channel import Channel
 
 from models.tasks import registry
 from pipeline.components.baseline_comparison import BaselineComparison, comparison_eval_config
@@ -242,7 +260,7 @@ def min_top1(config: SimCLRConfig, num_classes: int | None) -> float:
     return chance_floor(num_classes)
 
 
-class NewestArtifact(tfx.dsl.experimental.ResolverStrategy):
+class NewestArtifact(ResolverStrategy):
     """The newest artifact (highest id) of each channel, or none.
 
     LatestArtifactStrategy fails the resolver with a logged traceback when a channel is empty,
@@ -263,14 +281,12 @@ def warm_start_source(uri: str | None, stage: str) -> BaseComponent:
     compiles a resolver's query by type alone, so there the runner resolves a URI and it is
     imported instead.
     """
-    model = tfx.types.standard_artifacts.Model
+    model = standard_artifacts.Model
     if uri:
-        return tfx.dsl.Importer(source_uri=uri, artifact_type=model).with_id("warm_start_importer")
-    return tfx.dsl.Resolver(
+        return Importer(source_uri=uri, artifact_type=model).with_id("warm_start_importer")
+    return Resolver(
         strategy_class=NewestArtifact,
-        model=tfx.dsl.Channel(
-            type=model, producer_component_id=trainer_id(stage), output_key="model"
-        ),
+        model=Channel(type=model, producer_component_id=trainer_id(stage), output_key="model"),
     ).with_id("warm_start_model_resolver")
 
 
@@ -333,7 +349,7 @@ def create_pipeline(
     trainer_factory: Callable[..., BaseComponent] | None = None,
     extra_pusher: Callable[..., BaseComponent] | None = None,
     warm_start_model: str | None = None,
-) -> tfx.dsl.Pipeline:
+) -> Pipeline:
     """The pipeline; the optional factories let a runner choose where Trainers and pushes run.
 
     trainer_factory takes the keyword arguments of `pipeline.components.trainer.Trainer` (TFX's
@@ -358,14 +374,14 @@ def create_pipeline(
         )
     else:
         input_splits = [
-            tfx.proto.Input.Split(name=s, pattern=f"*-{s}.tfrecord*") for s in layout.splits
+            example_gen_pb2.Input.Split(name=s, pattern=f"*-{s}.tfrecord*") for s in layout.splits
         ]
-        input_config = tfx.proto.Input(splits=input_splits)
+        input_config = example_gen_pb2.Input(splits=input_splits)
         if layout.unlabeled:
             # One name for the pool whatever the source calls it (STL-10: 'unlabelled'); its
             # records without a label get -1 (the stock import where there is no pool).
             input_config.splits.append(
-                tfx.proto.Input.Split(
+                example_gen_pb2.Input.Split(
                     name=UNLABELED_SPLIT, pattern=f"*-{layout.unlabeled}.tfrecord*"
                 )
             )
@@ -374,11 +390,11 @@ def create_pipeline(
             example_gen = ImportExampleGen(input_base=layout.data_dir, input_config=input_config)
     # Statistics, schema and validation cover the unlabeled pool like any split: its records
     # carry every feature (label -1, label_name ''), so one schema fits all splits.
-    statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
-    schema_gen = tfx.components.SchemaGen(
+    statistics_gen = StatisticsGen(examples=example_gen.outputs["examples"])
+    schema_gen = SchemaGen(
         statistics=statistics_gen.outputs["statistics"], infer_feature_shape=True
     )
-    example_validator = tfx.components.ExampleValidator(
+    example_validator = ExampleValidator(
         statistics=statistics_gen.outputs["statistics"], schema=schema_gen.outputs["schema"]
     )
     transform_config = {
@@ -388,18 +404,22 @@ def create_pipeline(
     }
     if d.labels_file:
         transform_config["labels_file"] = d.labels_file  # read when Transform runs
-    transform = tfx.components.Transform(
+    transform = Transform(
         examples=example_gen.outputs["examples"],
         schema=schema_gen.outputs["schema"],
         preprocessing_fn=PREPROCESSING_FN,
         custom_config=transform_config,
         # The label vocabulary comes from the labeled train split alone; the pool is
         # transformed (decoded and stored) for the stages that read it.
-        splits_config=tfx.proto.SplitsConfig(
+        splits_config=transform_pb2.SplitsConfig(
             analyze=[layout.train_split],
             transform=[layout.train_split, layout.eval_split]
             + ([UNLABELED_SPLIT] if layout.unlabeled else []),
         ),
+        # TFDV statistics of the raw and decoded image bytes: StatisticsGen and
+        # ExampleValidator already cover the raw examples, and nothing reads statistics of
+        # decoded pixels stored as bytes, while computing them is a pass over every image.
+        disable_statistics=True,
     )
 
     components = [example_gen, statistics_gen, schema_gen, example_validator, transform]
@@ -415,15 +435,13 @@ def create_pipeline(
         warm_start_model,
     )
     components += _evaluate_and_push(config, layout, example_gen, trainers, push_dir, extra_pusher)
-    return tfx.dsl.Pipeline(
+    return Pipeline(
         pipeline_name=config.runner.pipeline_name,
         pipeline_root=pipeline_root,
         components=components,
         enable_cache=config.runner.enable_cache,
         metadata_connection_config=(
-            tfx.orchestration.metadata.sqlite_metadata_connection_config(metadata_path)
-            if metadata_path
-            else None
+            sqlite_metadata_connection_config(metadata_path) if metadata_path else None
         ),
         beam_pipeline_args=beam_pipeline_args,
     )
@@ -453,8 +471,8 @@ def _trainers(
             # Split sizes without reading the records (Transform writes one record per input).
             statistics=statistics_gen.outputs["statistics"],
             base_model=base_model,
-            train_args=tfx.proto.TrainArgs(splits=layout.stage_splits(stage)),
-            eval_args=tfx.proto.EvalArgs(splits=[layout.eval_split]),
+            train_args=trainer_pb2.TrainArgs(splits=layout.stage_splits(stage)),
+            eval_args=trainer_pb2.EvalArgs(splits=[layout.eval_split]),
             # Only what the stage reads (its cache key), where its checkpoints outlive a killed
             # execution so that a rerun resumes, and the digest of the code it runs (in both
             # the cache key and the checkpoint key).
@@ -473,9 +491,9 @@ def _trainers(
             base_model = trainers[stage.base].outputs["model"]
         elif getattr(section, "checkpoint", ""):
             # A released SimCLR SavedModel (or one of our exports) replaces the base stage.
-            importer = tfx.dsl.Importer(
+            importer = Importer(
                 source_uri=section.checkpoint,
-                artifact_type=tfx.types.standard_artifacts.Model,
+                artifact_type=standard_artifacts.Model,
             ).with_id("base_model_importer")
             components.append(importer)
             base_model = importer.outputs["result"]
@@ -504,12 +522,12 @@ def _evaluate_and_push(
     baseline_stage = registry.baseline(config)
     baseline = trainers[baseline_stage.name] if baseline_stage else None
     pushed = baseline if config.eval.push == "baseline" and baseline else candidate
-    model_resolver = tfx.dsl.Resolver(
-        strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
-        model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
-        model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
+    model_resolver = Resolver(
+        strategy_class=LatestBlessedModelStrategy,
+        model=Channel(type=standard_artifacts.Model),
+        model_blessing=Channel(type=standard_artifacts.ModelBlessing),
     ).with_id("latest_blessed_model_resolver")
-    evaluator = tfx.components.Evaluator(
+    evaluator = Evaluator(
         examples=example_gen.outputs["examples"],
         model=pushed.outputs["model"],
         baseline_model=model_resolver.outputs["model"],
@@ -520,11 +538,11 @@ def _evaluate_and_push(
 
     def pushers() -> list[BaseComponent]:
         out = [
-            tfx.components.Pusher(
+            Pusher(
                 model=pushed.outputs["model"],
                 model_blessing=evaluator.outputs["blessing"],
-                push_destination=tfx.proto.PushDestination(
-                    filesystem=tfx.proto.PushDestination.Filesystem(base_directory=push_dir)
+                push_destination=pusher_pb2.PushDestination(
+                    filesystem=pusher_pb2.PushDestination.Filesystem(base_directory=push_dir)
                 ),
             )
         ]
@@ -553,6 +571,6 @@ def _evaluate_and_push(
     if gain is None and not pushes_baseline:
         return components + pushers()
     verdict = comparison.outputs["blessing"].future()[0].custom_property("blessed")
-    with tfx.dsl.Cond(verdict == (0 if pushes_baseline else 1)):
+    with Cond(verdict == (0 if pushes_baseline else 1)):
         gated = pushers()
     return components + gated

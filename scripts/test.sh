@@ -2,11 +2,18 @@
 # Set up .venv, lint, and run the whole test suite (extra arguments go to pytest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/bootstrap.sh
-# The report test renders HTML in Debian's headless Chromium.
+# The report test renders HTML in Debian's headless Chromium: installed (where missing and
+# possible) while the Python stack installs, since both mostly wait on downloads.
+browser=""
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ||
-    echo "chromium could not be installed: the browser part of the report test will be skipped"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+    >/tmp/chromium-install.log 2>&1 &
+  browser=$!
+fi
+bash scripts/bootstrap.sh
+if [ -n "$browser" ] && ! wait "$browser"; then
+  echo "chromium could not be installed (/tmp/chromium-install.log): the browser part of the" \
+    "report test will be skipped"
 fi
 export TF_USE_LEGACY_KERAS=1
 .venv/bin/ruff check .

@@ -1,13 +1,15 @@
-"""Unlabeled images end to end, as a user gives them.
+"""Unlabeled images end to end, as a user gives them, and a pool that grows.
 
 Through `local_runner.py`: the embedded digits with 80% of each training class moved into an
 unlabeled pool, once as `<data_dir>/unlabeled/` (at several depths, one sub-folder named like a
 class) and once through `--unlabeled_dir`. Every count is taken from the files on disk, and each
 Trainer's results.json must match it exactly: pretraining reads the labeled train split plus the
 pool, fine-tuning the labeled train split only (distillation's reads are checked where the
-pipeline is built, tests/pipeline/test_pipeline.py). The TFRecord route: a generated split in
-TFDS STL-10's layout (`unlabelled`, label -1 or none) through the pipeline's own ExampleGen,
-StatisticsGen, SchemaGen, ExampleValidator and Transform under TFX's LocalDagRunner.
+pipeline is built, tests/pipeline/test_pipeline.py). The in-tree run is then the first run of
+data that grows: half of its pool arrives after it, and the same command with `--warm_start`
+must ingest it and continue from run 1's pretrained encoder. The TFRecord route: a generated
+split in TFDS STL-10's layout (`unlabelled`, label -1 or none) through the pipeline's own
+ExampleGen, StatisticsGen, SchemaGen, ExampleValidator and Transform under TFX's LocalDagRunner.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import json
 import pathlib
 import re
 import shutil
+import subprocess
+from dataclasses import dataclass
 
 import pytest
 
@@ -36,6 +40,11 @@ TINY = [
     "--log_every_steps=10",
     "--min_top1=0",
 ]
+# Run 1 of the pool that grows: two epochs with a kNN after each, so run 2 has a last kNN to
+# start from; a regression gate that lets a tiny model through.
+GROWS = ["--train_epochs=2", "--knn_every_epochs=1", "--max_top1_regression=1"]
+# kNN top-1 over 360 eval images moves by a few points between two evaluations of one encoder.
+KNN_NOISE = 0.05
 
 
 def _images(folder: pathlib.Path) -> list[pathlib.Path]:
@@ -81,15 +90,51 @@ def digits_pool(tmp_path_factory):
     return root, data, pool, counts
 
 
-@pytest.mark.e2e
-def test_unlabeled_folder_in_the_data_dir(digits_pool):
-    root, data, _, counts = digits_pool
-    out = root / "out_in_tree"
-    result = run_pipeline([*TINY, f"--data_dir={data}", f"--model_dir={out}", "--train_epochs=1"])
+def _knn(stdout: str) -> list[tuple[int, float]]:
+    """(step, kNN top-1) of every kNN line pretraining printed, in order."""
+    found = re.findall(r"^pretrain step (\d+): .*?eval/knn_top_1_accuracy ([0-9.]+)", stdout, re.M)
+    return [(int(step), float(value)) for step, value in found]
+
+
+@dataclass
+class PoolRun:
+    data: pathlib.Path
+    out: pathlib.Path
+    args: list[str]
+    later: pathlib.Path  # the pool's images that arrive after run 1, laid out as in the pool
+    counts: dict[str, int]  # images on disk at run 1
+    result: subprocess.CompletedProcess
+    run: summary_lib.RunSummary
+
+
+@pytest.fixture(scope="session")
+def pool_run(tmp_path_factory) -> PoolRun:
+    """Run 1: `<data_dir>/unlabeled/` holding half of the moved images (every other file); the
+    other half waits in `later/` for run 2. Session-scoped, and its two tests in one xdist
+    group: a worker that runs another module's test between them must not build it again."""
+    root = tmp_path_factory.mktemp("in_tree")
+    data, pool = split_digits(root)
+    later = root / "later"
+    for image in _images(pool)[::2]:
+        target = later / image.relative_to(pool)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(image, target)
+    counts = {"train": len(_images(data / "train")), "unlabeled": len(_images(pool))}
+    counts["test"] = len(_images(data / "test"))
+    out = root / "out"
+    args = [*TINY, *GROWS, f"--data_dir={data}", f"--model_dir={out}"]
+    result = run_pipeline(args)
     assert result.returncode == 0, result.stderr[-3000:]
     run = summary_lib.latest_run(str(out / "metadata.sqlite"))
+    return PoolRun(data, out, args, later, counts, result, run)
+
+
+@pytest.mark.e2e
+@pytest.mark.xdist_group("pool_run")
+def test_unlabeled_folder_in_the_data_dir(pool_run):
+    run, result, counts = pool_run.run, pool_run.result, pool_run.counts
     labeled, unlabeled = counts["train"], counts["unlabeled"]
-    assert unlabeled == pytest.approx(4 * labeled, rel=0.05)  # 80% of train moved
+    assert unlabeled == pytest.approx(2 * labeled, rel=0.05)  # half of the 80% moved
 
     # Ingestion: the pool is its own split, every image in it unlabeled, none skipped.
     assert run.ingestion["unlabeled"]["written"] == unlabeled
@@ -99,12 +144,12 @@ def test_unlabeled_folder_in_the_data_dir(digits_pool):
     assert line in result.stdout
     # Statistics, schema and validation cover the pool, and accept it.
     assert read_anomalies(run.anomalies_uri) == {"test": [], "train": [], "unlabeled": []}
-    # Pretraining: one epoch over labeled train + pool, with SimCLR's step count; every pool
+    # Pretraining: two epochs over labeled train + pool, with SimCLR's step count; every pool
     # record is unlabeled (-1), the class-named sub-folder included.
     pretrain = _results(run, "pretrain")
     assert pretrain["num_train_examples"] == labeled + unlabeled
     assert pretrain["num_unlabeled_train_examples"] == unlabeled
-    assert pretrain["total_steps"] == (labeled + unlabeled) // PRETRAIN_BATCH + 1
+    assert pretrain["total_steps"] == 2 * (labeled + unlabeled) // PRETRAIN_BATCH + 1
     assert _progress(result.stdout, "pretrain")[-1] == pretrain["total_steps"]
     # Fine-tuning reads the labeled train split only; the Evaluator the eval split only.
     finetune = _results(run, "finetune")
@@ -125,6 +170,46 @@ def test_unlabeled_folder_in_the_data_dir(digits_pool):
     [report] = re.findall(r"^report: (.+)$", result.stdout, re.M)
     html = pathlib.Path(report).read_text()
     assert "(unlabeled)" in html and "read by" in html and "pretrain_trainer" in html
+
+
+@pytest.mark.e2e
+@pytest.mark.xdist_group("pool_run")
+def test_new_images_and_warm_start_continue_from_the_last_pretrained_encoder(pool_run):
+    """Run 2: the held-back half of the pool arrives, and the same command with `--warm_start`
+    ingests it, starts pretraining from run 1's pretrained encoder (and says so), begins where
+    run 1 ended (its first kNN, before any step, at least run 1's last kNN minus noise), and
+    gates against run 1's blessed model."""
+    run1 = pool_run.run
+    assert run1.blessed
+    run1_knn = _knn(pool_run.result.stdout)
+    assert run1_knn and run1_knn[-1][0] > 0
+    pool = pool_run.data / "unlabeled"
+    for image in _images(pool_run.later):
+        target = pool / image.relative_to(pool_run.later)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(image, target)
+    grown = len(_images(pool))
+    second = run_pipeline([*pool_run.args, "--warm_start", "--warm_start_epochs=1"])
+    assert second.returncode == 0, second.stderr[-3000:]
+    run2 = summary_lib.latest_run(str(pool_run.out / "metadata.sqlite"))
+
+    # The new images were ingested: ExampleGen ran again and counted them all.
+    assert "FileBasedExampleGen" not in run2.cached
+    assert run2.ingestion["unlabeled"]["written"] == grown > pool_run.counts["unlabeled"]
+    # Pretraining started from run 1's pretrained model, said so, and recorded it; its one
+    # epoch is over the grown pool.
+    started = str(pathlib.Path(run1.model_uris["pretrain"]))
+    assert f"pretrain: warm start from {started}" in second.stdout
+    assert run2.warm_start_from and run2.warm_start_from.startswith(started)
+    labeled = pool_run.counts["train"]
+    assert _results(run2, "pretrain")["total_steps"] == (labeled + grown) // PRETRAIN_BATCH + 1
+    # Its first kNN (before any step) is where run 1 ended, give or take noise.
+    run2_knn = _knn(second.stdout)
+    assert run2_knn[0][0] == 0
+    assert run2_knn[0][1] >= run1_knn[-1][1] - KNN_NOISE
+    # The no-regression gate compared run 2's model with run 1's blessed one.
+    assert run2.regression_baseline_uri == run1.model_uris["finetune"]
+    assert run2.baseline_top1 == pytest.approx(run1.top1, abs=1e-6)
 
 
 @pytest.mark.e2e
@@ -258,7 +343,7 @@ def test_stl10_layout_pool_through_statistics_schema_validation_and_transform(tm
         pipeline_root=str(tmp_path / "root"),
         metadata_path=str(tmp_path / "metadata.sqlite"),
         push_dir=str(tmp_path / "push"),
-        beam_pipeline_args=["--direct_running_mode=in_memory"],
+        beam_pipeline_args=[],
     )
     upstream = ("ImportExampleGen", "StatisticsGen", "SchemaGen", "ExampleValidator", "Transform")
     kept = [c for c in built.components if c.id in upstream]

@@ -158,6 +158,8 @@ class Comparison:
     bounds (lower, upper) where intervals were computed, else None. Per-class maps go from the
     label value to top-1 on the examples of that label. `gate_passed` is None when no minimum
     gain was configured; `gate_message` says in one line why it failed ('' otherwise).
+    `interval_note` is TFMA's reason when it computed no interval for the overall slice although
+    intervals were asked for ('' otherwise).
     """
 
     examples: int
@@ -174,6 +176,7 @@ class Comparison:
     min_gain: float | None
     gate_passed: bool | None
     gate_message: str
+    interval_note: str = ""
 
 
 def _metric_value(value) -> float:
@@ -203,10 +206,17 @@ def _slice_label(slice_key) -> int | None | str:
     return ""
 
 
-def _read_metrics(evaluation_uri: str):
-    """{slice (None|label): {(name, model, is_diff): (value, ci | None)}}."""
+def _read_metrics(records) -> tuple[dict, dict]:
+    """From TFMA's MetricsForSlice records: ({slice (None|label): {(name, model, is_diff):
+    (value, ci | None)}}, {slice: TFMA's note}).
+
+    TFMA adds a text metric, `__ERROR__`, to a slice whose bootstrap samples it could not all
+    fill (a slice of a few examples leaves some samples empty): that slice's values stand
+    without intervals, and the note says why.
+    """
     sliced: dict = {}
-    for record in tfma.load_metrics(evaluation_uri):
+    notes: dict = {}
+    for record in records:
         if record.HasField("cross_slice_key"):
             continue
         label = _slice_label(record.slice_key)
@@ -214,13 +224,16 @@ def _read_metrics(evaluation_uri: str):
             continue
         metrics = sliced.setdefault(label, {})
         for item in record.metric_keys_and_values:
+            if item.key.name == tfma.constants.ERROR_METRIC_NAME:
+                notes[label] = item.value.bytes_value.decode("utf-8", "replace")
+                continue
             key = (item.key.name, item.key.model_name, item.key.is_diff)
             ci = None
             if item.HasField("confidence_interval"):
                 interval = item.confidence_interval
                 ci = (_metric_value(interval.lower_bound), _metric_value(interval.upper_bound))
             metrics[key] = (_metric_value(item.value), ci)
-    return sliced
+    return sliced, notes
 
 
 def _blessing_uri(blessing: str | types.Artifact | None) -> str | None:
@@ -253,7 +266,7 @@ def read_comparison(
     URI or artifact is given, else TFMA's validation result; either way it is None when the
     config set no minimum gain.
     """
-    sliced = _read_metrics(evaluation_uri)
+    sliced, notes = _read_metrics(tfma.load_metrics(evaluation_uri))
     if None not in sliced:
         raise ValueError(f"evaluation {evaluation_uri}: no overall slice in the TFMA metrics")
     overall = sliced[None]
@@ -311,4 +324,5 @@ def read_comparison(
         min_gain=min_gain,
         gate_passed=gate_passed,
         gate_message=message,
+        interval_note=notes.get(None, ""),
     )

@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tfx import v1 as tfx
 from tfx.components.statistics_gen import stats_artifact_utils
+from tfx.components.trainer import component as trainer_component
 from tfx.components.trainer import executor as trainer_executor
 from tfx.dsl.components.base import base_component, executor_spec
+from tfx.proto import trainer_pb2
 from tfx.types import artifact_utils, channel, standard_artifacts, standard_component_specs
 from tfx.types.component_spec import ChannelParameter
 from tfx.utils import json_utils
@@ -86,7 +87,7 @@ class Executor(trainer_executor.GenericExecutor):
         super().Do(input_dict, output_dict, with_split_sizes(input_dict, exec_properties))
 
 
-class Trainer(tfx.components.Trainer):
+class Trainer(trainer_component.Trainer):
     """`tfx.components.Trainer` with the generic executor's arguments this project uses, plus
     `statistics` (StatisticsGen's output on the same examples)."""
 
@@ -102,8 +103,8 @@ class Trainer(tfx.components.Trainer):
         schema: channel.BaseChannel,
         statistics: channel.BaseChannel | None = None,
         base_model: channel.BaseChannel | None = None,
-        train_args: tfx.proto.TrainArgs,
-        eval_args: tfx.proto.EvalArgs,
+        train_args: trainer_pb2.TrainArgs,
+        eval_args: trainer_pb2.EvalArgs,
         custom_config: dict[str, Any],
     ):
         spec = TrainerSpec(

@@ -679,7 +679,11 @@ def _comparison(summary: summary_lib.RunSummary, names: Sequence[str]) -> list[s
     candidate, baseline = summary.compared_stages()
     (c_steps, c_secs), (b_steps, b_secs) = summary.compute(candidate), summary.compute(baseline)
     ci = c.top1_gain_ci
-    gain_text = f"{c.top1_gain:+.4f}" + (f" (95% CI {ci[0]:+.4f} to {ci[1]:+.4f})" if ci else "")
+    gain_text = f"{c.top1_gain:+.4f}"
+    if ci:
+        gain_text += f" (95% CI {ci[0]:+.4f} to {ci[1]:+.4f})"
+    elif c.interval_note:
+        gain_text += f" (no 95% CI: {c.interval_note})"
     parts = [
         "<h2>Did pretraining pay off? Candidate vs. supervised baseline</h2>",
         "<p>The baseline is the same network trained from random initialization on the same "

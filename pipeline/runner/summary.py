@@ -124,6 +124,8 @@ class RunSummary:
         ci = ""
         if c.top1_gain_ci is not None:
             ci = f" (95% CI {c.top1_gain_ci[0]:+.4f} to {c.top1_gain_ci[1]:+.4f})"
+        elif c.interval_note:
+            ci = f" (no 95% CI: {c.interval_note})"
         candidate, baseline = self.compared_stages()
         c_steps, c_secs = self.compute(candidate)
         b_steps, b_secs = self.compute(baseline)

@@ -21,7 +21,7 @@ case "$*" in
   *-L*) echo "GPU 0: Test GPU (UUID: GPU-0)" ;;
   *name*) echo "Test GPU" ;;
   *compute_cap*) echo "${FAKE_COMPUTE_CAP:-9.0}" ;;
-  *memory.used*) printf '100\\n2500\\n700\\n'; while true; do echo 700; sleep 0.2; done ;;
+  *memory.used*) printf '100\\n2500\\n700\\n'; while true; do echo 700; sleep 0.5; done ;;
 esac
 """
 

@@ -410,6 +410,9 @@ def test_smoke_run_reports_every_row_on_the_same_test_images(transformed, tmp_pa
     for row in rows.values():
         assert f"{row['value']:.4f}" in text
     assert (out / "curve.png").read_bytes().startswith(b"\x89PNG")
+    # Only the pretrained encoder, which the other arms restore, is exported.
+    exported = (out / "work" / "runs").glob("*/serving_model/saved_model.pb")
+    assert [p.parent.parent.name for p in exported] == ["pretrain"]
 
 
 def _quality_result(dtype: str, steps: int, values: dict[str, float]) -> dict:

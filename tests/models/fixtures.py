@@ -17,11 +17,13 @@ import sys
 from dataclasses import dataclass
 
 import apache_beam as beam
+import pytest
 import tensorflow as tf
 import tensorflow_transform as tft
 import tensorflow_transform.beam as tft_beam
 from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 
+from models.config import BLOCKS_PER_GROUP
 from pipeline.configs import SimCLRConfig, trainer_config
 from transform import preprocessing as tp
 
@@ -158,6 +160,14 @@ def tiny_config(cifar_dir: pathlib.Path, **overrides) -> SimCLRConfig:
         section, name = path.split(".")
         setattr(getattr(config, section), name, value)
     return config
+
+
+def one_block_per_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Until the test ends, a ResNet-18 is built with one residual block per group instead of
+    two: every kind of layer (stem, projection shortcuts, batch norms, heads) at half the depth,
+    so its steps and exports trace in about half the time. For checks that do not depend on the
+    backbone's depth."""
+    monkeypatch.setitem(BLOCKS_PER_GROUP, 18, (1, 1, 1, 1))
 
 
 def step_task(train, stage: str = "pretrain"):

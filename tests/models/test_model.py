@@ -153,8 +153,10 @@ def _check_imported_head_layers(import_projection_head, tmp_path) -> None:
     source.build_for()
     for variable in source.projection_head.weights:
         variable.assign(tf.random.normal(variable.shape, seed=len(variable.name)))
+    # The variables alone, under their model names: what import_projection_head reads (saving
+    # the Keras model would trace every layer's call for nothing it uses).
     module = tf.Module()
-    module.model = source
+    module.model_variables = list(source.weights)
     tf.saved_model.save(module, str(tmp_path))
     for selector, copied in ((1, 1), (-1, 3)):
         target = SimCLRModel(_config(ft_proj_selector=selector), NUM_CLASSES, 32, pretraining=False)

@@ -98,9 +98,13 @@ def _pretrain_steps(dtype: str, steps: int) -> dict:
     tf.keras.utils.set_random_seed(0)
     model = _tiny_model()
     optimizer = wrap_optimizer(build_optimizer("lars", 0.5, 0.9, 1e-4), dtype)
+    # Its variables made now, not in the first trace (which tf.function would trace again).
+    optimizer.build(model.trainable_variables)
     task = fixtures.step_task(PretrainConfig(temperature=0.5, weight_decay=1e-4, optimizer="lars"))
     metrics = task.build_metrics()
-    step = tf.function(task.train_step(model, optimizer, metrics))
+    # Traced as the training loop traces it: without autograph (converting the model's code made
+    # the trace several times slower, and nothing in the step branches on tensors).
+    step = tf.function(task.train_step(model, optimizer, metrics), autograph=False)
     rng = np.random.default_rng(0)
     view1 = rng.uniform(size=(8, 16, 16, 3)).astype(np.float32)
     view2 = np.clip(view1 + rng.normal(scale=0.05, size=view1.shape), 0, 1).astype(np.float32)
@@ -159,7 +163,11 @@ def test_float16_steps_use_dynamic_loss_scaling():
     assert _moved(run) > 1e-4
 
 
-def test_bfloat16_trainer_stage_serves_float32(cifar_dir, transformed, tmp_path, capsys):
+def test_bfloat16_trainer_stage_serves_float32(
+    cifar_dir, transformed, tmp_path, capsys, monkeypatch
+):
+    # The dtypes served do not depend on the backbone's depth; a shallower one traces faster.
+    fixtures.one_block_per_group(monkeypatch)
     config = fixtures.tiny_config(
         cifar_dir, **{"runtime.mixed_precision": "bfloat16", "pretrain.train_steps": 2}
     )

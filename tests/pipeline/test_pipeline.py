@@ -1,5 +1,6 @@
 """The pipeline definition: what each component is handed, the gates, nothing read at compile."""
 
+import functools
 import json
 import shutil
 
@@ -45,6 +46,19 @@ def test_labels_file_on_gcs_is_not_read_while_building(tmp_path, monkeypatch):
     [transform] = [c for c in built.components if c.id == "Transform"]
     custom = json.loads(transform.exec_properties["custom_config"])
     assert custom["labels_file"] == "gs://bucket/labels.txt" and "label_names" not in custom
+
+
+def test_transform_computes_no_statistics_of_decoded_images(tmp_path):
+    """StatisticsGen covers the raw examples; Transform's own TFDV passes over every image
+    (before and after decoding) would be read by nothing."""
+    built = _build(configs.SimCLRConfig(), _layout(), tmp_path)
+    [transform] = [c for c in built.components if c.id == "Transform"]
+    assert transform.exec_properties["disable_statistics"] == 1
+    assert set(transform.outputs) == {
+        "transform_graph",
+        "transformed_examples",
+        "updated_analyzer_cache",
+    }
 
 
 def test_each_trainer_is_handed_its_own_config_and_a_stable_checkpoint_root(tmp_path):
@@ -377,3 +391,45 @@ def test_the_gain_gate_holds_the_pusher_in_a_cond(tmp_path, push, blessed_value)
     [top1] = [m for m in spec.metrics if m.class_name == "SparseCategoricalAccuracy"]
     [gate] = top1.per_slice_thresholds
     assert gate.threshold.change_threshold.absolute.value == pytest.approx(0.05)
+
+
+# Where tfx.v1 exposes each TFX object pipeline.py uses, and the name pipeline.py binds it to.
+# pipeline.py imports them from their defining modules: `tfx.v1` also imports its Vertex AI
+# extensions, seconds of start-up a local run never needs.
+V1_NAMES = {
+    "components.Evaluator": "Evaluator",
+    "components.ExampleValidator": "ExampleValidator",
+    "components.ImportExampleGen": "ImportExampleGen",
+    "components.Pusher": "Pusher",
+    "components.SchemaGen": "SchemaGen",
+    "components.StatisticsGen": "StatisticsGen",
+    "components.Transform": "Transform",
+    "dsl.Channel": "Channel",
+    "dsl.Cond": "Cond",
+    "dsl.Importer": "Importer",
+    "dsl.Pipeline": "Pipeline",
+    "dsl.Resolver": "Resolver",
+    "dsl.experimental.LatestBlessedModelStrategy": "LatestBlessedModelStrategy",
+    "dsl.experimental.ResolverStrategy": "ResolverStrategy",
+    "orchestration.metadata.sqlite_metadata_connection_config": (
+        "sqlite_metadata_connection_config"
+    ),
+    "proto.EvalArgs": "trainer_pb2.EvalArgs",
+    "proto.Input": "example_gen_pb2.Input",
+    "proto.PushDestination": "pusher_pb2.PushDestination",
+    "proto.SplitsConfig": "transform_pb2.SplitsConfig",
+    "proto.TrainArgs": "trainer_pb2.TrainArgs",
+    "types.standard_artifacts.Model": "standard_artifacts.Model",
+    "types.standard_artifacts.ModelBlessing": "standard_artifacts.ModelBlessing",
+}
+
+
+def _attribute(root, dotted: str):
+    return functools.reduce(getattr, dotted.split("."), root)
+
+
+@pytest.mark.parametrize("v1_name, name", sorted(V1_NAMES.items()))
+def test_each_tfx_object_is_the_one_tfx_v1_exposes(v1_name, name):
+    from tfx import v1
+
+    assert _attribute(pipeline_lib, name) is _attribute(v1, v1_name)

@@ -327,7 +327,7 @@ def test_local_dag_runner_records_the_listing_fingerprint(tmp_path):
         metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(
             metadata_path
         ),
-        beam_pipeline_args=["--direct_num_workers=1"],
+        beam_pipeline_args=[],
     )
     tfx.orchestration.LocalDagRunner().run(pipeline)
     store = mlmd.MetadataStore(

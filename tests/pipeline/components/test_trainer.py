@@ -111,3 +111,11 @@ def test_the_component_is_tfx_trainer_with_the_statistics_input():
         k: v.type for k, v in stock.outputs.items()
     }
     assert ours.executor_spec.executor_class is trainer_lib.Executor
+
+
+def test_the_tfx_objects_it_imports_are_the_ones_tfx_v1_exposes():
+    """The module imports them from their defining modules (`tfx.v1` also imports its Vertex
+    AI extensions); a TFX release that moves one must fail here."""
+    assert trainer_lib.Trainer.__bases__ == (tfx.components.Trainer,)
+    assert trainer_lib.trainer_pb2.TrainArgs is tfx.proto.TrainArgs
+    assert trainer_lib.trainer_pb2.EvalArgs is tfx.proto.EvalArgs

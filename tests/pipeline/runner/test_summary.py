@@ -95,3 +95,9 @@ def test_lines_keep_the_baseline_comparison_apart_with_the_compute_each_used(com
     lines = compared_summary(min_gain=None, gate_passed=None, top1_gain_ci=None).lines()
     assert not any(line.startswith("gain gate") for line in lines)
     assert any(line.endswith("gain -0.0500; top-5 0.9000 vs. 0.9200") for line in lines)
+    note = "CI not computed because only 19 samples were non-empty. Expected 20."
+    lines = compared_summary(top1_gain_ci=None, interval_note=note).lines()
+    assert any(
+        line.endswith(f"gain -0.0500 (no 95% CI: {note}); top-5 0.9000 vs. 0.9200")
+        for line in lines
+    )
