@@ -207,8 +207,16 @@ def run(
 def _checkpoint(
     strategy: tf.distribute.Strategy, model: keras.Model, optimizer: keras.optimizers.Optimizer
 ) -> tuple[tf.train.Checkpoint, tf.Variable]:
-    """What a checkpoint holds: the model, the optimizer (slots and iterations) and the step."""
+    """What a checkpoint holds: the model, the optimizer (slots and iterations) and the step.
+
+    The optimizer's slots are made here, for every trainable variable, rather than by its
+    first `apply_gradients` inside the traced step: a `tf.function` whose first trace creates
+    variables is traced a second time, which doubled the trace phase of every stage. (A model
+    not built yet keeps the optimizer's own lazy build.)
+    """
     with strategy.scope():
+        if model.trainable_variables:
+            optimizer.build(model.trainable_variables)
         global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, global_step=global_step)
     return checkpoint, global_step

@@ -81,6 +81,13 @@ def _run(model, optimizer, make_dataset, run_dir: pathlib.Path, total_steps: int
     )
     metrics = task.build_metrics()
     step_fn = task.train_step(model, optimizer, metrics)
+    if "traces" in settings:
+        traced, step = settings["traces"], step_fn
+
+        def step_fn(*batch):
+            traced.append(1)  # Python runs this once per trace, never per step
+            return step(*batch)
+
     loop = train_loop.LoopSettings(
         stage="pretrain",
         total_steps=total_steps,
@@ -221,8 +228,12 @@ def test_loop_times_its_phases_and_traces_the_first_step_alone(real_images, tmp_
         return {"eval/floor": 0.25}
 
     make = _dataset_fn(images[:8], labels[:8], 8)
+    traces: list[int] = []
     kwargs = {"log_every": 2, "checkpoint_every": 2, "on_start": on_start, "clock": clock}
-    assert _run(_model(seed=0), optimizer, make, tmp_path, 5, **kwargs) == 5
+    assert _run(_model(seed=0), optimizer, make, tmp_path, 5, traces=traces, **kwargs) == 5
+    # One trace of the step: the optimizer's slots exist before it (a first trace that creates
+    # variables makes tf.function trace again).
+    assert len(traces) == 1
 
     # The first step runs alone in `trace`; the rest of each boundary's steps in `train`.
     assert clock.entered == [
