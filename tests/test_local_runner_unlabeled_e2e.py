@@ -201,8 +201,12 @@ def test_new_images_and_warm_start_continue_from_the_last_pretrained_encoder(poo
     started = str(pathlib.Path(run1.model_uris["pretrain"]))
     assert f"pretrain: warm start from {started}" in second.stdout
     assert run2.warm_start_from and run2.warm_start_from.startswith(started)
-    labeled = pool_run.counts["train"]
-    assert _results(run2, "pretrain")["total_steps"] == (labeled + grown) // PRETRAIN_BATCH + 1
+    # Now all 80% of each class's images are in the pool: the counts match the files exactly.
+    labeled, pretrain = pool_run.counts["train"], _results(run2, "pretrain")
+    assert pretrain["total_steps"] == (labeled + grown) // PRETRAIN_BATCH + 1
+    assert pretrain["num_train_examples"] - pretrain["num_unlabeled_train_examples"] == labeled
+    assert pretrain["num_unlabeled_train_examples"] == grown == pytest.approx(4 * labeled, rel=0.05)
+    assert _results(run2, "finetune")["num_train_examples"] == labeled
     # Its first kNN (before any step) is where run 1 ended, give or take noise.
     run2_knn = _knn(second.stdout)
     assert run2_knn[0][0] == 0
