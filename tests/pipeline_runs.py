@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -76,6 +77,11 @@ def run_pipeline(args: list[str], timeout: float = 1200) -> subprocess.Completed
     print(result.stdout[-5000:])
     print(result.stderr[-5000:], file=sys.stderr)
     return result
+
+
+def progress_steps(stdout: str, stage: str) -> list[int]:
+    """The steps of a stage's progress lines (`<stage> step N/TOTAL ...`), in order."""
+    return [int(s) for s in re.findall(rf"^{stage} step (\d+)/\d+ ", stdout, re.M)]
 
 
 def checkpoints(stage_dir: pathlib.Path) -> list[int]:

@@ -7,7 +7,6 @@ trains supervised on TFDS-style TFRecords and shows that a degraded candidate is
 """
 
 import hashlib
-import json
 import pathlib
 import re
 
@@ -17,7 +16,7 @@ import tensorflow as tf
 from models import precision
 from pipeline.runner import summary as summary_lib
 from tests import pipeline_runs
-from tests.pipeline_runs import PRETRAIN_STEPS, run_pipeline
+from tests.pipeline_runs import PRETRAIN_STEPS, progress_steps, run_pipeline
 
 UPSTREAM = {"FileBasedExampleGen", "StatisticsGen", "SchemaGen", "ExampleValidator", "Transform"}
 COMPONENTS = UPSTREAM | {
@@ -27,14 +26,6 @@ COMPONENTS = UPSTREAM | {
     "Evaluator",
     "Pusher",
 }
-
-
-def _progress(stdout: str, stage: str) -> list[int]:
-    return [int(s) for s in re.findall(rf"^{stage} step (\d+)/\d+ ", stdout, re.M)]
-
-
-def _results(summary: summary_lib.RunSummary, stage: str) -> dict:
-    return json.loads((pathlib.Path(summary.model_run_uris[stage]) / "results.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +71,14 @@ def test_killed_pretraining_resumes_from_its_last_checkpoint(pipeline_scenario, 
     assert "cache: on (" in stdout
     [stage_dir] = pipeline_runs.stage_dirs(pipeline_scenario.model_dir, "pretrain")
     assert f"pretrain: resuming from {stage_dir / f'ckpt-{last}'} (step {last})" in stdout
-    steps = _progress(stdout, "pretrain")
+    steps = progress_steps(stdout, "pretrain")
     assert steps and steps[0] > last and steps[-1] == PRETRAIN_STEPS, steps
     # Completed components were not recomputed; pretraining ran (and only pretraining resumed).
     assert UPSTREAM <= set(resumed.cached), resumed.cached
     assert "pretrain_trainer" not in resumed.cached
     assert "taken from the cache: " in stdout
     # The resumed run ends at the step count of an uninterrupted run, with every checkpoint.
-    assert _results(resumed, "pretrain")["total_steps"] == PRETRAIN_STEPS
+    assert resumed.stage_results["pretrain"]["total_steps"] == PRETRAIN_STEPS
     checkpoints = pipeline_runs.checkpoints(stage_dir)
     assert checkpoints[-1] == PRETRAIN_STEPS and last in checkpoints
     # The checkpoint it resumed from is untouched, and every listed one is complete: model,
@@ -157,10 +148,13 @@ def test_changing_the_temperature_retrains_from_scratch(
     assert "pretrain_trainer" not in run.cached and "finetune_trainer" not in run.cached
     # A new checkpoint directory: the old one (another configuration) is never restored.
     assert "pretrain: resuming" not in result.stdout
-    steps = _progress(result.stdout, "pretrain")
+    steps = progress_steps(result.stdout, "pretrain")
     assert steps[0] == 5 and steps[-1] == PRETRAIN_STEPS, steps
     # An uninterrupted run ends at the same step count as the resumed one.
-    assert _results(run, "pretrain")["total_steps"] == _results(resumed, "pretrain")["total_steps"]
+    assert (
+        run.stage_results["pretrain"]["total_steps"]
+        == resumed.stage_results["pretrain"]["total_steps"]
+    )
     # Once it finished, the directory of the earlier training (B's) was removed; the exported
     # models of both runs remain as artifacts.
     [kept] = pipeline_runs.stage_dirs(pipeline_scenario.model_dir, "pretrain")
@@ -187,11 +181,11 @@ def test_changing_only_reporting_options_resumes_at_the_final_step(
     [kept] = pipeline_runs.stage_dirs(pipeline_scenario.model_dir, "pretrain")
     final = kept / f"ckpt-{PRETRAIN_STEPS}"
     assert f"pretrain: resuming from {final} (step {PRETRAIN_STEPS})" in result.stdout
-    assert _progress(result.stdout, "pretrain") == []
-    assert _results(run, "pretrain")["total_steps"] == PRETRAIN_STEPS
+    assert progress_steps(result.stdout, "pretrain") == []
+    assert run.stage_results["pretrain"]["total_steps"] == PRETRAIN_STEPS
     # The same trained weights: the exported pretraining model equals run D's.
-    assert _results(run, "pretrain")["eval/label_top_1_accuracy"] == pytest.approx(
-        _results(trained, "pretrain")["eval/label_top_1_accuracy"]
+    assert run.stage_results["pretrain"]["eval/label_top_1_accuracy"] == pytest.approx(
+        trained.stage_results["pretrain"]["eval/label_top_1_accuracy"]
     )
 
 

@@ -14,7 +14,6 @@ ExampleGen, StatisticsGen, SchemaGen, ExampleValidator and Transform under TFX's
 
 from __future__ import annotations
 
-import json
 import pathlib
 import re
 import shutil
@@ -25,7 +24,7 @@ import pytest
 
 from pipeline.runner import summary as summary_lib
 from pipeline.runner.report import read_anomalies
-from tests.pipeline_runs import run_pipeline
+from tests.pipeline_runs import progress_steps, run_pipeline
 
 UNLABELED_SHARE = 0.8
 PRETRAIN_BATCH = 64
@@ -68,14 +67,6 @@ def split_digits(root: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
             target.mkdir(parents=True, exist_ok=True)
             shutil.move(image, target / image.name)
     return data, pool
-
-
-def _results(summary: summary_lib.RunSummary, stage: str) -> dict:
-    return json.loads((pathlib.Path(summary.model_run_uris[stage]) / "results.json").read_text())
-
-
-def _progress(stdout: str, stage: str) -> list[int]:
-    return [int(s) for s in re.findall(rf"^{stage} step (\d+)/\d+ ", stdout, re.M)]
 
 
 @pytest.fixture(scope="module")
@@ -146,13 +137,13 @@ def test_unlabeled_folder_in_the_data_dir(pool_run):
     assert read_anomalies(run.anomalies_uri) == {"test": [], "train": [], "unlabeled": []}
     # Pretraining: two epochs over labeled train + pool, with SimCLR's step count; every pool
     # record is unlabeled (-1), the class-named sub-folder included.
-    pretrain = _results(run, "pretrain")
+    pretrain = run.stage_results["pretrain"]
     assert pretrain["num_train_examples"] == labeled + unlabeled
     assert pretrain["num_unlabeled_train_examples"] == unlabeled
     assert pretrain["total_steps"] == 2 * (labeled + unlabeled) // PRETRAIN_BATCH + 1
-    assert _progress(result.stdout, "pretrain")[-1] == pretrain["total_steps"]
+    assert progress_steps(result.stdout, "pretrain")[-1] == pretrain["total_steps"]
     # Fine-tuning reads the labeled train split only; the Evaluator the eval split only.
-    finetune = _results(run, "finetune")
+    finetune = run.stage_results["finetune"]
     assert finetune["num_train_examples"] == labeled
     assert finetune["num_unlabeled_train_examples"] == 0
     # Both counted from StatisticsGen's output: no pass over the records to count them.
@@ -202,11 +193,11 @@ def test_new_images_and_warm_start_continue_from_the_last_pretrained_encoder(poo
     assert f"pretrain: warm start from {started}" in second.stdout
     assert run2.warm_start_from and run2.warm_start_from.startswith(started)
     # Now all 80% of each class's images are in the pool: the counts match the files exactly.
-    labeled, pretrain = pool_run.counts["train"], _results(run2, "pretrain")
+    labeled, pretrain = pool_run.counts["train"], run2.stage_results["pretrain"]
     assert pretrain["total_steps"] == (labeled + grown) // PRETRAIN_BATCH + 1
     assert pretrain["num_train_examples"] - pretrain["num_unlabeled_train_examples"] == labeled
     assert pretrain["num_unlabeled_train_examples"] == grown == pytest.approx(4 * labeled, rel=0.05)
-    assert _results(run2, "finetune")["num_train_examples"] == labeled
+    assert run2.stage_results["finetune"]["num_train_examples"] == labeled
     # Its first kNN (before any step) is where run 1 ended, give or take noise.
     run2_knn = _knn(second.stdout)
     assert run2_knn[0][0] == 0
@@ -235,10 +226,10 @@ def test_unlabeled_dir_elsewhere(digits_pool):
     labeled, unlabeled = counts["train"], counts["unlabeled"]
     assert run.ingestion["unlabeled"]["folder"] == str(pool)
     assert run.ingestion["unlabeled"]["unlabeled"] == unlabeled
-    pretrain = _results(run, "pretrain")
+    pretrain = run.stage_results["pretrain"]
     assert (pretrain["num_train_examples"], pretrain["total_steps"]) == (labeled + unlabeled, 3)
     assert pretrain["num_unlabeled_train_examples"] == unlabeled
-    assert _results(run, "finetune")["num_train_examples"] == labeled
+    assert run.stage_results["finetune"]["num_train_examples"] == labeled
     assert run.split_readers["unlabeled"] == ["pretrain_trainer"]
     check_failed_baseline_comparison(run, result.stdout, labeled)
     # The report shows both models side by side. (A changed gate reruns only evaluation, the
@@ -266,7 +257,7 @@ def check_failed_baseline_comparison(
     """The baseline read the labeled train split only, for as many steps as pretraining and
     fine-tuning took; the comparison's numbers agree with each other and the Evaluator's; the
     gain gate failed with its reason and nothing was pushed."""
-    baseline = _results(run, "baseline")
+    baseline = run.stage_results["baseline"]
     assert baseline["num_train_examples"] == labeled
     assert baseline["num_unlabeled_train_examples"] == 0
     assert baseline["matched_steps"] == {"pretrain": 3, "finetune": 2}
