@@ -149,20 +149,15 @@ def markdown(summary: dict, result: dict, top: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args, flags = parse_args(argv)
-    env = {
-        **os.environ,
-        "TF_USE_LEGACY_KERAS": "1",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-        "ONEDNN_VERBOSE": "1",
-        "ONEDNN_VERBOSE_TIMESTAMP": "1",
-    }
+def run_throughput(steps: int, flags: list[str], env: dict[str, str]) -> tuple[dict, list[str]]:
+    """Runs bench/pretrain_throughput.py on one cached batch in a fresh process; its result and
+    its output lines."""
+    env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", **env}
     cmd = [
         sys.executable,
         str(THROUGHPUT),
         "--cached_batch",
-        f"--steps={args.steps}",
+        f"--steps={steps}",
         "--warmup_steps=1",
         *flags,
     ]
@@ -173,16 +168,25 @@ def main(argv: list[str] | None = None) -> dict:
     if proc.returncode or not results:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise SystemExit(f"error: the throughput run failed (exit {proc.returncode}): {tail[0]}")
-    result = results[-1]
+    return results[-1], lines
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, flags = parse_args(argv)
+    verbose = {"ONEDNN_VERBOSE": "1", "ONEDNN_VERBOSE_TIMESTAMP": "1"}
+    result, lines = run_throughput(args.steps, flags, verbose)
     primitives = parse_verbose(lines, tuple(result["timed_window_ms"]))
     summary = summarize(primitives, result["step_s"], args.steps)
-    out = pathlib.Path(args.out)
+    write_breakdown(pathlib.Path(args.out), summary, result, markdown(summary, result, args.top))
+    return summary
+
+
+def write_breakdown(out: pathlib.Path, summary: dict, result: dict, text: str) -> None:
+    """breakdown.json (the summary and the throughput run's result) and breakdown.md."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "breakdown.json").write_text(json.dumps({"summary": summary, "run": result}, indent=1))
-    text = markdown(summary, result, args.top)
     (out / "breakdown.md").write_text(text)
     print(text, flush=True)
-    return summary
 
 
 if __name__ == "__main__":

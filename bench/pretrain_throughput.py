@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import tensorflow as tf  # noqa: E402
 
 from bench import hardware  # noqa: E402
+from models import cpu_elementwise  # noqa: E402
 from models import data as data_lib  # noqa: E402
 from models.config import (  # noqa: E402
     RESNET_DEPTHS,
@@ -57,7 +58,11 @@ from models.config import (  # noqa: E402
 )
 from models.model import SimCLRModel  # noqa: E402
 from models.optimizers import build_optimizer  # noqa: E402
-from models.resnet import ResNet, set_matmul_filter_grad_max_pixels  # noqa: E402
+from models.resnet import (  # noqa: E402
+    ResNet,
+    set_matmul_filter_grad_max_pixels,
+    set_matmul_input_grad,
+)
 from models.schedule import WarmUpAndCosineDecay  # noqa: E402
 from models.strategy import make_strategy, set_precision, wrap_optimizer  # noqa: E402
 from models.tasks.pretrain import PretrainTask  # noqa: E402
@@ -106,6 +111,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Kernel gradient of convolutions with 4x4 outputs in bfloat16 on CPU: one matmul "
         "(this project's model) or oneDNN's weight-gradient convolution.",
     )
+    p.add_argument(
+        "--small_map_input_grad",
+        default="matmul",
+        choices=("matmul", "onednn"),
+        help="Input gradient of stride-1 convolutions with 4x4 outputs in bfloat16 on CPU: one "
+        "matmul and an XLA col2im (this project's model) or oneDNN's backward-data convolution.",
+    )
+    p.add_argument(
+        "--elementwise",
+        default="xla",
+        choices=("xla", "tensorflow"),
+        help="The residual blocks' element-wise work in bfloat16 on CPU: compiled by XLA "
+        "(this project's model) or TensorFlow's own kernels.",
+    )
     p.add_argument("--intra_op_threads", type=int, default=0, help="0: TensorFlow's default.")
     p.add_argument("--inter_op_threads", type=int, default=0, help="0: TensorFlow's default.")
     p.add_argument(
@@ -116,6 +135,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--data_dir", default=str(REPO_ROOT.parent / "shared" / "data" / "cifar10"))
     p.add_argument("--work_dir", default="/tmp/simclr_bench", help="Cache of transformed data.")
+    p.add_argument(
+        "--profile_dir",
+        default="",
+        help="Record the timed steps with TensorFlow's profiler into this folder "
+        "(bench/op_breakdown.py reads it).",
+    )
     args = p.parse_args(argv)
     for flag in ("train_batch_size", "steps", "image_size", "num_images"):
         if getattr(args, flag) < 1:
@@ -194,6 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
     set_precision(args.mixed_precision)
     if args.small_map_filter_grad == "onednn":
         set_matmul_filter_grad_max_pixels(0)
+    set_matmul_input_grad(args.small_map_input_grad == "matmul")
+    cpu_elementwise.set_enabled(args.elementwise == "xla")
     if args.onednn_auto_mixed_precision:
         tf.config.optimizer.set_experimental_options({"auto_mixed_precision_onednn_bfloat16": True})
     strategy = make_strategy("auto")
@@ -290,9 +317,13 @@ def main(argv: list[str] | None = None) -> dict:
     warmup_s = run_steps(args.warmup_steps) if args.warmup_steps else 0.0
     traces = train_step.experimental_get_tracing_count()
     # Wall-clock bounds of the timed steps, to cut a trace (e.g. ONEDNN_VERBOSE's) to them.
+    if args.profile_dir:
+        tf.profiler.experimental.start(args.profile_dir)
     timed_from_ms = time.time() * 1000
     timed_s = run_steps(args.steps)
     timed_to_ms = time.time() * 1000
+    if args.profile_dir:
+        tf.profiler.experimental.stop()
     # Counted on a second trace of the same step with the batch's static shapes; nothing runs.
     sample = next(iter(make_dataset(tf.distribute.InputContext())))
     flops = hardware.count_flops(

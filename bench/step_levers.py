@@ -76,13 +76,27 @@ def rows(cores: int, with_bf16: bool, with_amx: bool = False) -> list[Row]:
         out += [
             Row(
                 "reference_bfloat16",
-                "bfloat16 mixed precision, reference's unfused BN and oneDNN kernel gradients",
+                "bfloat16 mixed precision, the reference's unfused BN, TensorFlow's kernels",
                 "reference",
                 (
                     "--batch_norm=unfused",
                     "--mixed_precision=bfloat16",
                     "--small_map_filter_grad=onednn",
+                    "--small_map_input_grad=onednn",
+                    "--elementwise=tensorflow",
                 ),
+            ),
+            Row(
+                "bfloat16_onednn_input_grad",
+                "bfloat16, 4x4 input gradients by oneDNN (not a matmul and col2im)",
+                "bfloat16",
+                (*BF16, "--small_map_input_grad=onednn"),
+            ),
+            Row(
+                "bfloat16_tf_elementwise",
+                "bfloat16, the blocks' element-wise work by TensorFlow's kernels (not XLA)",
+                "bfloat16",
+                (*BF16, "--elementwise=tensorflow"),
             ),
             Row(
                 "bfloat16_onednn_filter_grad",
@@ -129,6 +143,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="auto: only on CPUs with bfloat16 instructions.",
     )
+    p.add_argument(
+        "--cached_batch",
+        action="store_true",
+        help="Every row repeats one in-memory batch instead of running the input pipeline "
+        "beside the step (as bench/torch_peer.py does).",
+    )
     p.add_argument("--keep_margin", type=float, default=0.05, help="Speed-up needed to keep.")
     p.add_argument("--nchw_probe", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -174,6 +194,7 @@ def run_row(row: Row, args: argparse.Namespace) -> dict:
         f"--data_dir={args.data_dir}",
         f"--work_dir={args.work_dir}",
         "--image_size=32",
+        *(["--cached_batch"] if args.cached_batch else []),
         *row.flags,
     ]
     env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", **dict(row.env)}
@@ -246,7 +267,9 @@ def markdown(summary: dict, cpu: hardware.CpuInfo, args: argparse.Namespace, bf1
         f"Step: ResNet-{args.resnet_depth} x{args.width_multiplier:g}, 32x32, batch "
         f"{args.train_batch_size} (two views each), forward + backward + LARS: "
         f"{summary['step_gflop']} GFLOP counted. {args.steps} timed steps after "
-        f"{args.warmup_steps} warm-up per row. Reference step (mean of its two rows): "
+        f"{args.warmup_steps} warm-up per row"
+        + (", one cached batch" if args.cached_batch else ", input pipeline running beside")
+        + ". Reference step (mean of its two rows): "
         f"{summary['reference_step_s']:.2f} s.",
         "",
         "| row | lever | base | s/step | img/s | GFLOP/s | % of peak | vs reference | vs base "

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import tensorflow as tf
 import tf_keras as keras
 
+from models import cpu_elementwise
 from models.config import BLOCKS_PER_GROUP
 from models.strategy import runs_on_cpu
 
@@ -75,10 +76,38 @@ class BatchNormRelu(keras.layers.Layer):
 
     def call(self, inputs: tf.Tensor, training: bool = False) -> tf.Tensor:
         outputs = self.batch_normalization(inputs, training=training)
-        return tf.nn.relu(outputs) if self.use_relu else outputs
+        if not self.use_relu:
+            return outputs
+        if cpu_elementwise.applies(outputs, training):
+            return cpu_elementwise.relu(outputs)
+        return tf.nn.relu(outputs)
 
 
 NormFactory = Callable[..., BatchNormRelu]
+
+
+BlockInput = tf.Tensor | tuple[tf.Tensor, tf.Tensor]
+
+
+def residual_relu(x: tf.Tensor, shortcut: tf.Tensor, training: bool, fork: bool) -> BlockInput:
+    """A block's output, relu(x + shortcut). In bfloat16 training on a CPU it is compiled by
+    XLA, and with `fork` it comes twice, once for the next block's shortcut and once for its
+    convolution, so that their gradients are summed inside the compiled ReLU gradient."""
+    if not cpu_elementwise.applies(x, training):
+        return tf.nn.relu(x + shortcut)
+    if fork:
+        return cpu_elementwise.add_relu_fork(x, shortcut)
+    return cpu_elementwise.add_relu(x, shortcut)
+
+
+def _shortcut_and_conv_inputs(inputs: BlockInput) -> tuple[tf.Tensor, tf.Tensor]:
+    if isinstance(inputs, (tuple, list)):
+        return inputs[0], inputs[1]
+    return inputs, inputs
+
+
+def _one(x: BlockInput) -> tf.Tensor:
+    return x[0] if isinstance(x, (tuple, list)) else x
 
 
 def _conv_initializer() -> keras.initializers.Initializer:
@@ -92,6 +121,9 @@ MATMUL_FILTER_GRAD_MAX_PIXELS = 16
 _matmul_filter_grad_max_pixels = MATMUL_FILTER_GRAD_MAX_PIXELS
 
 
+_matmul_input_grad = True
+
+
 def set_matmul_filter_grad_max_pixels(pixels: int) -> None:
     """A process-wide kernel choice, like TensorFlow's own `tf.config` switches, read when a
     step is traced: 0 leaves every kernel gradient to oneDNN (benchmarks compare the two)."""
@@ -99,41 +131,89 @@ def set_matmul_filter_grad_max_pixels(pixels: int) -> None:
     _matmul_filter_grad_max_pixels = pixels
 
 
+def set_matmul_input_grad(enabled: bool) -> None:
+    """Whether those small maps' stride-1 convolutions also get their input gradient as a
+    matmul (`input_grad_as_matmul`); read when a step is traced, as the switch above."""
+    global _matmul_input_grad
+    _matmul_input_grad = enabled
+
+
 def filter_grad_as_matmul(
     inputs: tf.Tensor, out_grad: tf.Tensor, kernel_size: int, strides: int, padding: str
 ) -> tf.Tensor:
     """dL/dkernel of a square-kernel NHWC convolution: im2col patches of `inputs` (the k*k
     shifted, strided views, concatenated along channels in [kh, kw, cin] order) times the
-    output gradient, as one [k*k*cin, N*oh*ow] x [N*oh*ow, cout] matmul."""
-    k, s = kernel_size, strides
-    if padding == "SAME":
-        if s != 1:
-            raise ValueError("filter_grad_as_matmul: SAME padding only with stride 1")
-        before = (k - 1) // 2
-        pad = [[0, 0], [before, k - 1 - before], [before, k - 1 - before], [0, 0]]
-        inputs = tf.pad(inputs, pad)
+    output gradient, as one [k*k*cin, N*oh*ow] x [N*oh*ow, cout] matmul. In bfloat16 the
+    patches are gathered by one XLA loop: TensorFlow's k*k slices and their concatenation cost
+    more than the matmul."""
     oh, ow = out_grad.shape[1], out_grad.shape[2]
-    views = [
-        inputs[:, i : i + s * (oh - 1) + 1 : s, j : j + s * (ow - 1) + 1 : s, :]
-        for i in range(k)
-        for j in range(k)
-    ]
-    patches = tf.concat(views, axis=-1) if len(views) > 1 else views[0]
-    cin, cout = inputs.shape[-1], out_grad.shape[-1]
+    args = (inputs, kernel_size, strides, padding, oh, ow)
+    compiled = inputs.dtype == tf.bfloat16 and cpu_elementwise.enabled()
+    patches = _patches_xla(*args) if compiled else _patches(*args)
+    k, cin, cout = kernel_size, inputs.shape[-1], out_grad.shape[-1]
     grad = tf.matmul(
         tf.reshape(patches, [-1, k * k * cin]), tf.reshape(out_grad, [-1, cout]), transpose_a=True
     )
     return tf.reshape(grad, [k, k, cin, cout])
 
 
-class Conv2D(keras.layers.Conv2D):
-    """Keras' Conv2D (same variables, same forward op) whose kernel gradient on small bfloat16
-    output maps on a CPU is one matmul instead of oneDNN's weight-gradient convolution.
+def _patches(inputs: tf.Tensor, k: int, s: int, padding: str, oh: int, ow: int) -> tf.Tensor:
+    if padding == "SAME":
+        if s != 1:
+            raise ValueError("filter_grad_as_matmul: SAME padding only with stride 1")
+        before = (k - 1) // 2
+        pad = [[0, 0], [before, k - 1 - before], [before, k - 1 - before], [0, 0]]
+        inputs = tf.pad(inputs, pad)
+    views = [
+        inputs[:, i : i + s * (oh - 1) + 1 : s, j : j + s * (ow - 1) + 1 : s, :]
+        for i in range(k)
+        for j in range(k)
+    ]
+    return tf.concat(views, axis=-1) if len(views) > 1 else views[0]
 
-    oneDNN's AMX weight-gradient kernel is slow on 4x4 maps: for CIFAR ResNet-18 in bfloat16
-    it took more than a quarter of the step for three 512-channel 4x4 convolutions, and the same
-    gradient as a matmul ran 4x faster (docs/benchmarks.md, "The bfloat16 step"); from 8x8 on
-    the convolution is as fast or faster. GPUs and TPUs keep their own kernels.
+
+_patches_xla = tf.function(_patches, jit_compile=True, autograph=False)
+
+
+def input_grad_as_matmul(out_grad: tf.Tensor, kernel: tf.Tensor, kernel_size: int) -> tf.Tensor:
+    """dL/dinputs of a stride-1 SAME square-kernel NHWC convolution: the output gradient times
+    the transposed kernel is every output pixel's share of its k*k input pixels (one
+    [N*h*w, cout] x [cout, k*k*cin] matmul), added up in float32 (col2im), by one XLA loop
+    where the element-wise work is compiled (`cpu_elementwise`)."""
+    k, cin, cout = kernel_size, kernel.shape[2], kernel.shape[3]
+    shares = tf.matmul(
+        tf.reshape(out_grad, [-1, cout]), tf.reshape(kernel, [k * k * cin, cout]), transpose_b=True
+    )
+    col2im = _col2im_xla if cpu_elementwise.enabled() else _col2im
+    return col2im(shares, k, out_grad.shape[1], out_grad.shape[2], cin)
+
+
+def _col2im(shares: tf.Tensor, k: int, h: int, w: int, cin: int) -> tf.Tensor:
+    wide = tf.cast(tf.reshape(shares, [-1, h, w, k, k, cin]), tf.float32)
+    total = tf.add_n(
+        [
+            tf.pad(wide[:, :, :, i, j, :], [[0, 0], [i, k - 1 - i], [j, k - 1 - j], [0, 0]])
+            for i in range(k)
+            for j in range(k)
+        ]
+    )
+    before = (k - 1) // 2
+    return tf.cast(total[:, before : before + h, before : before + w, :], shares.dtype)
+
+
+_col2im_xla = tf.function(_col2im, jit_compile=True, autograph=False)
+
+
+class Conv2D(keras.layers.Conv2D):
+    """Keras' Conv2D (same variables, same forward op) whose gradients on small bfloat16 output
+    maps on a CPU are matmuls instead of oneDNN's backward convolutions: the kernel gradient
+    always, the input gradient where the stride is 1.
+
+    oneDNN's AMX backward kernels are slow on 4x4 maps: for CIFAR ResNet-18 in bfloat16 the
+    weight gradient of three 512-channel 4x4 convolutions took more than a quarter of the step,
+    and the same gradient as a matmul ran 4x faster; their input gradient as a matmul and a
+    col2im takes half the time of oneDNN's (docs/benchmarks.md, "The bfloat16 step"). From 8x8
+    on the convolutions are as fast or faster. GPUs and TPUs keep their own kernels.
     """
 
     def convolution_op(self, inputs: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
@@ -156,9 +236,12 @@ class Conv2D(keras.layers.Conv2D):
             y = tf.nn.conv2d(x, w, s, padding)
 
             def grad(dy: tf.Tensor):
-                dx = tf.compat.v1.nn.conv2d_backprop_input(
-                    tf.shape(x), w, dy, [1, s, s, 1], padding
-                )
+                if _matmul_input_grad and s == 1 and padding == "SAME":
+                    dx = input_grad_as_matmul(dy, w, k)
+                else:
+                    dx = tf.compat.v1.nn.conv2d_backprop_input(
+                        tf.shape(x), w, dy, [1, s, s, 1], padding
+                    )
                 return dx, filter_grad_as_matmul(x, dy, k, s, padding)
 
             return y, grad
@@ -322,13 +405,16 @@ class BasicBlock(keras.layers.Layer):
         self.norm2 = norm(relu=False, zero_init=True)
         self.squeeze_excitation = _squeeze_excitation(filters, filters, se_ratio)
 
-    def call(self, inputs: tf.Tensor, training: bool = False) -> tf.Tensor:
-        shortcut = inputs if self.shortcut is None else self.shortcut(inputs, training=training)
-        x = self.norm1(self.conv1(inputs), training=training)
+    def call(self, inputs: BlockInput, training: bool = False, fork: bool = False) -> BlockInput:
+        shortcut_in, conv_in = _shortcut_and_conv_inputs(inputs)
+        shortcut = (
+            shortcut_in if self.shortcut is None else self.shortcut(shortcut_in, training=training)
+        )
+        x = self.norm1(self.conv1(conv_in), training=training)
         x = self.norm2(self.conv2(x), training=training)
         if self.squeeze_excitation is not None:
             x = self.squeeze_excitation(x)
-        return tf.nn.relu(x + shortcut)
+        return residual_relu(x, shortcut, training, fork)
 
 
 class BottleneckBlock(keras.layers.Layer):
@@ -367,9 +453,12 @@ class BottleneckBlock(keras.layers.Layer):
         self.norm3 = norm(relu=False, zero_init=True)
         self.squeeze_excitation = _squeeze_excitation(out_filters, filters, se_ratio)
 
-    def call(self, inputs: tf.Tensor, training: bool = False) -> tf.Tensor:
-        shortcut = inputs if self.shortcut is None else self.shortcut(inputs, training=training)
-        x = self.norm1(self.conv1(inputs), training=training)
+    def call(self, inputs: BlockInput, training: bool = False, fork: bool = False) -> BlockInput:
+        shortcut_in, conv_in = _shortcut_and_conv_inputs(inputs)
+        shortcut = (
+            shortcut_in if self.shortcut is None else self.shortcut(shortcut_in, training=training)
+        )
+        x = self.norm1(self.conv1(conv_in), training=training)
         if self.norm2 is None:
             x = self.conv2(x, training=training)
         else:
@@ -377,7 +466,7 @@ class BottleneckBlock(keras.layers.Layer):
         x = self.norm3(self.conv3(x), training=training)
         if self.squeeze_excitation is not None:
             x = self.squeeze_excitation(x)
-        return tf.nn.relu(x + shortcut)
+        return residual_relu(x, shortcut, training, fork)
 
 
 class BlockGroup(keras.layers.Layer):
@@ -407,9 +496,13 @@ class BlockGroup(keras.layers.Layer):
             for i in range(num_blocks)
         ]
 
-    def call(self, inputs: tf.Tensor, training: bool = False) -> tf.Tensor:
-        for block in self.blocks:
-            inputs = block(inputs, training=training)
+    def call(
+        self, inputs: BlockInput, training: bool = False, fork_output: bool = False
+    ) -> BlockInput:
+        """`fork_output`: the output feeds another block group (see `residual_relu`)."""
+        for i, block in enumerate(self.blocks):
+            fork = fork_output or i < len(self.blocks) - 1
+            inputs = block(inputs, training=training, fork=fork)
         return inputs
 
 
@@ -533,9 +626,10 @@ class ResNet(keras.Model):
         endpoints = {"initial_conv": initial_conv, "initial_max_pool": x}
         for i, group in enumerate(self.block_groups, start=1):
             frozen = i <= self.fine_tune_after_block
-            x = group(x, training=False if frozen else training)
+            fork = i < len(self.block_groups)
+            x = group(x, training=False if frozen else training, fork_output=fork)
             if frozen:
-                x = tf.stop_gradient(x)
-            endpoints[f"block_group{i}"] = x
-        endpoints["final_avg_pool"] = tf.reduce_mean(x, [1, 2])
+                x = tf.nest.map_structure(tf.stop_gradient, x)
+            endpoints[f"block_group{i}"] = _one(x)
+        endpoints["final_avg_pool"] = tf.reduce_mean(_one(x), [1, 2])
         return endpoints

@@ -131,6 +131,8 @@ def test_amx_cpus_get_the_bfloat16_rows_of_both_settings():
     added = set(amx) - plain
     assert added == {
         "reference_bfloat16",
+        "bfloat16_onednn_input_grad",
+        "bfloat16_tf_elementwise",
         "bfloat16_onednn_filter_grad",
         "bfloat16_xla",
         "fpmath_bf16",
@@ -138,6 +140,12 @@ def test_amx_cpus_get_the_bfloat16_rows_of_both_settings():
     }
     assert "--batch_norm=unfused" in amx["reference_bfloat16"].flags
     assert "--mixed_precision=bfloat16" in amx["reference_bfloat16"].flags
+    # The reference's bfloat16 step has none of this project's kernel choices.
+    assert {
+        "--small_map_filter_grad=onednn",
+        "--small_map_input_grad=onednn",
+        "--elementwise=tensorflow",
+    } <= set(amx["reference_bfloat16"].flags)
     assert dict(amx["fpmath_bf16"].env) == {"TF_SET_ONEDNN_FPMATH_MODE": "BF16"}
     assert list(amx)[-1] == "reference_again"  # drift still shows last
     assert hardware.has_amx(_cpu("GenuineIntel", "avx512f avx512_bf16 amx_bf16 amx_tile"))

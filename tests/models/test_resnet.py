@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from models import resnet
+from models import cpu_elementwise, resnet
 from models.resnet import (
     BATCH_NORM_EPSILON,
     ENDPOINTS,
@@ -415,6 +415,63 @@ def test_kernel_gradient_as_matmul_matches_the_convolutions(size, kernel, stride
     np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
 
 
+def _numpy_input_grad(dy: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """dL/dx of a stride-1 SAME convolution: each output pixel sends dy @ w[i, j].T to the input
+    pixel at offset (i, j) of its window; the window starts (k - 1) // 2 before it."""
+    n, h, width, _ = dy.shape
+    k = w.shape[0]
+    dx = np.zeros((n, h + k - 1, width + k - 1, w.shape[2]))
+    for i in range(k):
+        for j in range(k):
+            dx[:, i : i + h, j : j + width, :] += dy @ w[i, j].T
+    before = (k - 1) // 2
+    return dx[:, before : before + h, before : before + width, :]
+
+
+@pytest.mark.parametrize(("size", "kernel"), [(4, 3), (5, 3), (4, 1), (4, 2)])
+def test_input_gradient_as_matmul_matches_numpy(size, kernel):
+    rng = np.random.default_rng(size + kernel)
+    dy = rng.normal(size=(3, size, size, 7)).astype(np.float32)
+    w = rng.normal(size=(kernel, kernel, 5, 7)).astype(np.float32)
+    got = resnet.input_grad_as_matmul(tf.constant(dy), tf.constant(w), kernel)
+    np.testing.assert_allclose(got.numpy(), _numpy_input_grad(dy, w), rtol=1e-4, atol=1e-4)
+
+
+def _bf16_input_grad(matmul: bool) -> tuple[np.ndarray, set[str]]:
+    """dL/dx of the project's stride-1 Conv2D on a 4x4 bfloat16 map, and its graph's op types."""
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    keras.utils.set_random_seed(7)
+    resnet.set_matmul_input_grad(matmul)
+    try:
+        conv = FixedPaddingConv2D(16, 3, 1)
+        x = tf.cast(tf.constant(np.random.default_rng(2).normal(size=(4, 4, 4, 8))), tf.bfloat16)
+        conv(x)
+
+        @tf.function
+        def step(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(tf.cast(conv(x), tf.float32) ** 2)
+            return tape.gradient(loss, x)
+
+        graph = step.get_concrete_function(x).graph
+        ops = {op.type for op in graph.get_operations()}
+        for f in graph._functions.values():  # the custom gradient's function body
+            ops |= {node.op for node in f.definition.node_def}
+        return tf.cast(step(x), tf.float32).numpy(), ops
+    finally:
+        resnet.set_matmul_input_grad(True)
+        keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.skipif(bool(tf.config.list_logical_devices("GPU")), reason="a GPU is visible")
+def test_small_bfloat16_maps_get_their_input_gradient_as_one_matmul():
+    got, ops = _bf16_input_grad(matmul=True)
+    expected, onednn_ops = _bf16_input_grad(matmul=False)
+    assert "Conv2DBackpropInput" not in ops and "Conv2DBackpropInput" in onednn_ops
+    np.testing.assert_allclose(got, expected, rtol=0.02, atol=0.02 * np.abs(expected).max())
+
+
 def _bf16_conv_step(size: int, strides: int) -> tuple[tf.Tensor, set[str]]:
     """The kernel gradient of the project's Conv2D in bfloat16 and the op types of its graph."""
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
@@ -455,3 +512,47 @@ def test_small_bfloat16_maps_get_their_kernel_gradient_as_one_matmul():
     np.testing.assert_allclose(
         small.numpy(), reference.numpy(), rtol=0.02, atol=0.02 * np.abs(reference).max()
     )
+
+
+def _bf16_backbone_step(depth: int, compiled: bool, training: bool) -> tuple[list, int]:
+    """Gradients of a tiny bfloat16 backbone's pooled output, and how many XLA-compiled
+    functions its traced step calls."""
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    keras.utils.set_random_seed(3)  # the same weights in every call
+    cpu_elementwise.set_enabled(compiled)
+    try:
+        model = ResNet(depth=depth, width_multiplier=0.125, cifar_stem=True)
+        images = _images(4, 8)
+        model(images)
+        # Zero-initialized gammas would leave every residual branch without a gradient.
+        rng = np.random.default_rng(4)
+        for v in model.variables:
+            if "gamma" in v.name:
+                v.assign(rng.uniform(0.5, 1.5, size=v.shape))
+
+        @tf.function(autograph=False)
+        def step(images):
+            with tf.GradientTape() as tape:
+                pooled = model(images, training=training)["final_avg_pool"]
+                loss = tf.reduce_sum(tf.cast(pooled, tf.float32) ** 2)
+            # Inference has no gradient; the kernel-gradient matmuls compile their own patches.
+            return tape.gradient(loss, model.trainable_variables) if training else [loss]
+
+        library = step.get_concrete_function(images).graph.as_graph_def().library
+        xla = sum(f.attr["_XlaMustCompile"].b for f in library.function)
+        return [g.numpy() for g in step(images)], xla
+    finally:
+        cpu_elementwise.set_enabled(True)
+        keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.skipif(bool(tf.config.list_logical_devices("GPU")), reason="a GPU is visible")
+@pytest.mark.parametrize("depth", [18, 50])
+def test_bfloat16_training_compiles_the_blocks_elementwise_work_with_the_same_gradients(depth):
+    compiled, compiled_fns = _bf16_backbone_step(depth, compiled=True, training=True)
+    plain, plain_fns = _bf16_backbone_step(depth, compiled=False, training=True)
+    assert compiled_fns > 0 and plain_fns == 0
+    assert _bf16_backbone_step(depth, compiled=True, training=False)[1] == 0  # inference: as is
+    for got, expected in zip(compiled, plain, strict=True):
+        scale = max(np.abs(expected).max(), 1e-6)
+        np.testing.assert_allclose(got, expected, rtol=0.02, atol=0.02 * scale)
