@@ -72,7 +72,7 @@ def conv_pairs(batch: int, h: int, c: int) -> dict[str, tuple]:
     w = _tensor([3, 3, c, c], 6, scale=0.05)
 
     def forward_matmul(x, w):
-        patches = resnet._patches_xla(x, 3, 1, "SAME", h, h)
+        patches = resnet._patches(x, 3, 1, "SAME", h, h)
         out = tf.matmul(tf.reshape(patches, [-1, 9 * c]), tf.reshape(w, [9 * c, c]))
         return tf.reshape(out, [batch, h, h, c])
 

@@ -9,6 +9,9 @@ convolutions and batch norm stay on oneDNN's kernels, which XLA's CPU backend wo
 far slower ones. Inference, float32, GPUs and TPUs keep TensorFlow's ops.
 """
 
+import functools
+from collections.abc import Callable
+
 import tensorflow as tf
 
 from models.strategy import runs_on_cpu
@@ -22,13 +25,22 @@ def set_enabled(enabled: bool) -> None:
     _enabled = enabled
 
 
-def enabled() -> bool:
-    return _enabled
-
-
 def applies(x: tf.Tensor, training: object) -> bool:
     """Whether `x`'s element-wise work takes the compiled path: bfloat16 training on a CPU."""
     return _enabled and training is True and x.dtype == tf.bfloat16 and runs_on_cpu()
+
+
+def compiled(fn: Callable[..., tf.Tensor]) -> Callable[..., tf.Tensor]:
+    """`fn` as one XLA-compiled function while the switch is on (read when the caller is
+    traced), as TensorFlow's own ops otherwise; for data movement that sits beside a matmul
+    (the im2col and col2im of `models.resnet`)."""
+    xla = tf.function(fn, jit_compile=True, autograph=False)
+
+    @functools.wraps(fn)
+    def call(*args):
+        return xla(*args) if _enabled else fn(*args)
+
+    return call
 
 
 @tf.function(jit_compile=True, autograph=False)
@@ -46,27 +58,12 @@ def _sum_relu_grad(dy_a: tf.Tensor, dy_b: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
     return tf.raw_ops.ReluGrad(gradients=dy_a + dy_b, features=y)
 
 
-def add_relu(x: tf.Tensor, shortcut: tf.Tensor) -> tf.Tensor:
-    """relu(x + shortcut), one compiled loop each way; the gradient of both inputs is one
-    tensor, dy where the output is positive."""
-
-    @tf.custom_gradient
-    def fn(x: tf.Tensor, shortcut: tf.Tensor):
-        y = _add_relu(x, shortcut)
-
-        def grad(dy: tf.Tensor):
-            g = _relu_grad(dy, y)
-            return g, g
-
-        return y, grad
-
-    return fn(x, shortcut)
-
-
-def add_relu_fork(x: tf.Tensor, shortcut: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """`add_relu` whose output feeds two consumers (the next block's shortcut and its first
-    convolution), returned twice: the two gradients that come back are summed inside the
-    compiled ReLU gradient instead of by a separate sum over the whole activation."""
+def add_relu(x: tf.Tensor, shortcut: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """relu(x + shortcut), one compiled loop each way, returned twice: a block's output feeds
+    two consumers (the next block's shortcut and its first convolution), and the gradients that
+    come back from both are summed inside the compiled ReLU gradient instead of by a separate
+    pass over the activation. A copy nothing reads gets no gradient. The gradient of both inputs
+    is one tensor, the summed gradient where the output is positive."""
 
     @tf.custom_gradient
     def fn(x: tf.Tensor, shortcut: tf.Tensor):

@@ -89,14 +89,12 @@ NormFactory = Callable[..., BatchNormRelu]
 BlockInput = tf.Tensor | tuple[tf.Tensor, tf.Tensor]
 
 
-def residual_relu(x: tf.Tensor, shortcut: tf.Tensor, training: bool, fork: bool) -> BlockInput:
+def residual_relu(x: tf.Tensor, shortcut: tf.Tensor, training: bool) -> BlockInput:
     """A block's output, relu(x + shortcut). In bfloat16 training on a CPU it is compiled by
-    XLA, and with `fork` it comes twice, once for the next block's shortcut and once for its
-    convolution, so that their gradients are summed inside the compiled ReLU gradient."""
+    XLA and comes twice, once for the next block's shortcut and once for its convolution, so
+    that their gradients are summed inside the compiled ReLU gradient."""
     if not cpu_elementwise.applies(x, training):
         return tf.nn.relu(x + shortcut)
-    if fork:
-        return cpu_elementwise.add_relu_fork(x, shortcut)
     return cpu_elementwise.add_relu(x, shortcut)
 
 
@@ -143,13 +141,11 @@ def filter_grad_as_matmul(
 ) -> tf.Tensor:
     """dL/dkernel of a square-kernel NHWC convolution: im2col patches of `inputs` (the k*k
     shifted, strided views, concatenated along channels in [kh, kw, cin] order) times the
-    output gradient, as one [k*k*cin, N*oh*ow] x [N*oh*ow, cout] matmul. In bfloat16 the
-    patches are gathered by one XLA loop: TensorFlow's k*k slices and their concatenation cost
-    more than the matmul."""
+    output gradient, as one [k*k*cin, N*oh*ow] x [N*oh*ow, cout] matmul. The patches are
+    gathered by one XLA loop (`cpu_elementwise.compiled`): TensorFlow's k*k slices and their
+    concatenation cost more than the matmul."""
     oh, ow = out_grad.shape[1], out_grad.shape[2]
-    args = (inputs, kernel_size, strides, padding, oh, ow)
-    compiled = inputs.dtype == tf.bfloat16 and cpu_elementwise.enabled()
-    patches = _patches_xla(*args) if compiled else _patches(*args)
+    patches = _patches(inputs, kernel_size, strides, padding, oh, ow)
     k, cin, cout = kernel_size, inputs.shape[-1], out_grad.shape[-1]
     grad = tf.matmul(
         tf.reshape(patches, [-1, k * k * cin]), tf.reshape(out_grad, [-1, cout]), transpose_a=True
@@ -157,6 +153,7 @@ def filter_grad_as_matmul(
     return tf.reshape(grad, [k, k, cin, cout])
 
 
+@cpu_elementwise.compiled
 def _patches(inputs: tf.Tensor, k: int, s: int, padding: str, oh: int, ow: int) -> tf.Tensor:
     if padding == "SAME":
         if s != 1:
@@ -172,9 +169,6 @@ def _patches(inputs: tf.Tensor, k: int, s: int, padding: str, oh: int, ow: int) 
     return tf.concat(views, axis=-1) if len(views) > 1 else views[0]
 
 
-_patches_xla = tf.function(_patches, jit_compile=True, autograph=False)
-
-
 def input_grad_as_matmul(out_grad: tf.Tensor, kernel: tf.Tensor, kernel_size: int) -> tf.Tensor:
     """dL/dinputs of a stride-1 SAME square-kernel NHWC convolution: the output gradient times
     the transposed kernel is every output pixel's share of its k*k input pixels (one
@@ -184,10 +178,10 @@ def input_grad_as_matmul(out_grad: tf.Tensor, kernel: tf.Tensor, kernel_size: in
     shares = tf.matmul(
         tf.reshape(out_grad, [-1, cout]), tf.reshape(kernel, [k * k * cin, cout]), transpose_b=True
     )
-    col2im = _col2im_xla if cpu_elementwise.enabled() else _col2im
-    return col2im(shares, k, out_grad.shape[1], out_grad.shape[2], cin)
+    return _col2im(shares, k, out_grad.shape[1], out_grad.shape[2], cin)
 
 
+@cpu_elementwise.compiled
 def _col2im(shares: tf.Tensor, k: int, h: int, w: int, cin: int) -> tf.Tensor:
     wide = tf.cast(tf.reshape(shares, [-1, h, w, k, k, cin]), tf.float32)
     total = tf.add_n(
@@ -199,9 +193,6 @@ def _col2im(shares: tf.Tensor, k: int, h: int, w: int, cin: int) -> tf.Tensor:
     )
     before = (k - 1) // 2
     return tf.cast(total[:, before : before + h, before : before + w, :], shares.dtype)
-
-
-_col2im_xla = tf.function(_col2im, jit_compile=True, autograph=False)
 
 
 class Conv2D(keras.layers.Conv2D):
@@ -405,7 +396,7 @@ class BasicBlock(keras.layers.Layer):
         self.norm2 = norm(relu=False, zero_init=True)
         self.squeeze_excitation = _squeeze_excitation(filters, filters, se_ratio)
 
-    def call(self, inputs: BlockInput, training: bool = False, fork: bool = False) -> BlockInput:
+    def call(self, inputs: BlockInput, training: bool = False) -> BlockInput:
         shortcut_in, conv_in = _shortcut_and_conv_inputs(inputs)
         shortcut = (
             shortcut_in if self.shortcut is None else self.shortcut(shortcut_in, training=training)
@@ -414,7 +405,7 @@ class BasicBlock(keras.layers.Layer):
         x = self.norm2(self.conv2(x), training=training)
         if self.squeeze_excitation is not None:
             x = self.squeeze_excitation(x)
-        return residual_relu(x, shortcut, training, fork)
+        return residual_relu(x, shortcut, training)
 
 
 class BottleneckBlock(keras.layers.Layer):
@@ -453,7 +444,7 @@ class BottleneckBlock(keras.layers.Layer):
         self.norm3 = norm(relu=False, zero_init=True)
         self.squeeze_excitation = _squeeze_excitation(out_filters, filters, se_ratio)
 
-    def call(self, inputs: BlockInput, training: bool = False, fork: bool = False) -> BlockInput:
+    def call(self, inputs: BlockInput, training: bool = False) -> BlockInput:
         shortcut_in, conv_in = _shortcut_and_conv_inputs(inputs)
         shortcut = (
             shortcut_in if self.shortcut is None else self.shortcut(shortcut_in, training=training)
@@ -466,7 +457,7 @@ class BottleneckBlock(keras.layers.Layer):
         x = self.norm3(self.conv3(x), training=training)
         if self.squeeze_excitation is not None:
             x = self.squeeze_excitation(x)
-        return residual_relu(x, shortcut, training, fork)
+        return residual_relu(x, shortcut, training)
 
 
 class BlockGroup(keras.layers.Layer):
@@ -496,13 +487,9 @@ class BlockGroup(keras.layers.Layer):
             for i in range(num_blocks)
         ]
 
-    def call(
-        self, inputs: BlockInput, training: bool = False, fork_output: bool = False
-    ) -> BlockInput:
-        """`fork_output`: the output feeds another block group (see `residual_relu`)."""
-        for i, block in enumerate(self.blocks):
-            fork = fork_output or i < len(self.blocks) - 1
-            inputs = block(inputs, training=training, fork=fork)
+    def call(self, inputs: BlockInput, training: bool = False) -> BlockInput:
+        for block in self.blocks:
+            inputs = block(inputs, training=training)
         return inputs
 
 
@@ -626,8 +613,7 @@ class ResNet(keras.Model):
         endpoints = {"initial_conv": initial_conv, "initial_max_pool": x}
         for i, group in enumerate(self.block_groups, start=1):
             frozen = i <= self.fine_tune_after_block
-            fork = i < len(self.block_groups)
-            x = group(x, training=False if frozen else training, fork_output=fork)
+            x = group(x, training=False if frozen else training)
             if frozen:
                 x = tf.nest.map_structure(tf.stop_gradient, x)
             endpoints[f"block_group{i}"] = _one(x)
