@@ -1,6 +1,7 @@
 """Single kernels in bfloat16 on this CPU, TensorFlow's own against what the ResNet uses instead:
-the blocks' element-wise work (Eigen against XLA) and the gradients of 3x3 convolutions on small
-maps (oneDNN against a matmul with an im2col or col2im).
+the blocks' element-wise work (Eigen against XLA) and 3x3 convolutions on narrow maps, each
+direction (oneDNN's kernel on the plain maps against the same on the images laid side by side,
+`models/side_by_side.py`).
 
     python bench/cpu_kernels.py --out=output/cpu_kernels
 
@@ -25,7 +26,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import tensorflow as tf  # noqa: E402
 
-from models import cpu_elementwise, resnet  # noqa: E402
+from models import cpu_elementwise, side_by_side  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="output/cpu_kernels")
     p.add_argument("--batch", type=int, default=512, help="Views per step (2 x batch size).")
     p.add_argument("--activation", default="32x64", help="HxC of the element-wise activation.")
-    p.add_argument("--conv_maps", default="4x512,8x256", help="HxC of each convolution.")
+    p.add_argument("--conv_maps", default="4x512,8x256,16x128", help="HxC of each convolution.")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     return p.parse_args(argv)
@@ -67,33 +68,50 @@ def elementwise_pairs(batch: int, h: int, c: int) -> dict[str, tuple]:
 
 
 def conv_pairs(batch: int, h: int, c: int) -> dict[str, tuple]:
-    """name -> (oneDNN's kernel, the matmul form, inputs) for a 3x3 stride-1 SAME convolution."""
+    """name -> (oneDNN's kernel on the plain maps, the same on the images side by side,
+    inputs) for each direction of a 3x3 stride-1 SAME convolution, whatever width the model
+    itself lays side by side (`side_by_side.MAX_WIDTH`, `MAX_FORWARD_WIDTH`)."""
     x, dy = _tensor([batch, h, h, c], 4), _tensor([batch, h, h, c], 5)
     w = _tensor([3, 3, c, c], 6, scale=0.05)
+    side_by_side.set_max_width(h)
+    try:
+        lay = side_by_side.layout(x.shape, 3, 1, "SAME")
+    finally:
+        side_by_side.set_max_width(side_by_side.MAX_WIDTH)
+    if lay is None:
+        raise ValueError(f"{h}x{h}x{c} at batch {batch} cannot be laid side by side")
+    strides = [1, 1, 1, 1]
 
-    def forward_matmul(x, w):
-        patches = resnet._patches(x, 3, 1, "SAME", h, h)
-        out = tf.matmul(tf.reshape(patches, [-1, 9 * c]), tf.reshape(w, [9 * c, c]))
-        return tf.reshape(out, [batch, h, h, c])
+    def rows(t):
+        return side_by_side.to_rows(t, lay.g, lay.block, lay.tail)
+
+    def unrows(t):
+        return side_by_side.from_rows(t, lay.g, lay.block, h, lay.tail)
+
+    def input_grad(dy, w, shape):
+        return tf.raw_ops.Conv2DBackpropInput(
+            input_sizes=shape, filter=w, out_backprop=dy, strides=strides, padding="SAME"
+        )
+
+    def kernel_grad(x, dy):
+        return tf.raw_ops.Conv2DBackpropFilter(
+            input=x, filter_sizes=[3, 3, c, c], out_backprop=dy, strides=strides, padding="SAME"
+        )
 
     return {
         f"{h}x{h}x{c} forward": (
             lambda x, w: tf.nn.conv2d(x, w, 1, "SAME"),
-            forward_matmul,
+            lambda x, w: unrows(tf.nn.conv2d(rows(x), w, 1, "SAME")),
             (x, w),
         ),
         f"{h}x{h}x{c} input gradient": (
-            lambda dy, w: tf.compat.v1.nn.conv2d_backprop_input(
-                [batch, h, h, c], w, dy, [1, 1, 1, 1], "SAME"
-            ),
-            lambda dy, w: resnet.input_grad_as_matmul(dy, w, 3),
+            lambda dy, w: input_grad(dy, w, [batch, h, h, c]),
+            lambda dy, w: unrows(input_grad(rows(dy), w, rows(dy).shape.as_list())),
             (dy, w),
         ),
         f"{h}x{h}x{c} kernel gradient": (
-            lambda x, dy: tf.compat.v1.nn.conv2d_backprop_filter(
-                x, [3, 3, c, c], dy, [1, 1, 1, 1], "SAME"
-            ),
-            lambda x, dy: resnet.filter_grad_as_matmul(x, dy, 3, 1, "SAME"),
+            kernel_grad,
+            lambda x, dy: kernel_grad(rows(x), rows(dy)),
             (x, dy),
         ),
     }
@@ -127,7 +145,8 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
         f"bfloat16, {args.batch} views; ms per call, each round of {args.repeats} calls.",
         "",
-        "| kernel | TensorFlow's (Eigen / oneDNN) | replacement (XLA / matmul) | max rel. diff. |",
+        "| kernel | TensorFlow's (Eigen / oneDNN) | replacement (XLA / side by side) "
+        "| max rel. diff. |",
         "|---|---|---|---|",
     ]
     for r in rows:

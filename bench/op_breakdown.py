@@ -36,7 +36,7 @@ CATEGORIES = (
     ("matmuls", ("MatMul", "FusedMatMul", "BatchMatMulV2")),
     # An XLA-compiled function runs as one asynchronous call of the function.
     (
-        "XLA-compiled functions (element-wise, im2col, col2im)",
+        "XLA-compiled functions (element-wise, side-by-side rows)",
         ("PartitionedCall", "StatefulPartitionedCall"),
     ),
 )

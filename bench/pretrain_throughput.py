@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import tensorflow as tf  # noqa: E402
 
 from bench import hardware  # noqa: E402
-from models import cpu_elementwise  # noqa: E402
+from models import cpu_elementwise, side_by_side  # noqa: E402
 from models import data as data_lib  # noqa: E402
 from models.config import (  # noqa: E402
     RESNET_DEPTHS,
@@ -58,11 +58,7 @@ from models.config import (  # noqa: E402
 )
 from models.model import SimCLRModel  # noqa: E402
 from models.optimizers import build_optimizer  # noqa: E402
-from models.resnet import (  # noqa: E402
-    ResNet,
-    set_matmul_filter_grad_max_pixels,
-    set_matmul_input_grad,
-)
+from models.resnet import ResNet  # noqa: E402
 from models.schedule import WarmUpAndCosineDecay  # noqa: E402
 from models.strategy import make_strategy, set_precision, wrap_optimizer  # noqa: E402
 from models.tasks.pretrain import PretrainTask  # noqa: E402
@@ -105,18 +101,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "mixed-precision policy).",
     )
     p.add_argument(
-        "--small_map_filter_grad",
-        default="matmul",
-        choices=("matmul", "onednn"),
-        help="Kernel gradient of convolutions with 4x4 outputs in bfloat16 on CPU: one matmul "
-        "(this project's model) or oneDNN's weight-gradient convolution.",
-    )
-    p.add_argument(
-        "--small_map_input_grad",
-        default="matmul",
-        choices=("matmul", "onednn"),
-        help="Input gradient of stride-1 convolutions with 4x4 outputs in bfloat16 on CPU: one "
-        "matmul and an XLA col2im (this project's model) or oneDNN's backward-data convolution.",
+        "--side_by_side_max_width",
+        type=int,
+        default=side_by_side.MAX_WIDTH,
+        help="bfloat16 convolutions on CPU with output maps at most this wide run on the images "
+        "laid side by side (models/side_by_side.py); 0: every convolution as oneDNN has it.",
     )
     p.add_argument(
         "--elementwise",
@@ -217,10 +206,8 @@ def main(argv: list[str] | None = None) -> dict:
     tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
     set_precision(args.mixed_precision)
-    if args.small_map_filter_grad == "onednn":
-        set_matmul_filter_grad_max_pixels(0)
-    set_matmul_input_grad(args.small_map_input_grad == "matmul")
     cpu_elementwise.set_enabled(args.elementwise == "xla")
+    side_by_side.set_max_width(args.side_by_side_max_width)
     if args.onednn_auto_mixed_precision:
         tf.config.optimizer.set_experimental_options({"auto_mixed_precision_onednn_bfloat16": True})
     strategy = make_strategy("auto")
@@ -325,12 +312,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.profile_dir:
         tf.profiler.experimental.stop()
     # Counted on a second trace of the same step with the batch's static shapes; nothing runs.
+    # The network's own convolutions: the zero columns of side-by-side rows are not work done.
     sample = next(iter(make_dataset(tf.distribute.InputContext())))
+    side_by_side.set_max_width(0)
     flops = hardware.count_flops(
         tf.function(lambda *batch: strategy.run(plain_step, args=batch)).get_concrete_function(
             *sample
         )
     )
+    side_by_side.set_max_width(args.side_by_side_max_width)
     step_flops = sum(flops.values())
     cpu = hardware.cpu_info()
     bf16 = args.mixed_precision == "bfloat16" or args.onednn_auto_mixed_precision

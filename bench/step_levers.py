@@ -81,16 +81,9 @@ def rows(cores: int, with_bf16: bool, with_amx: bool = False) -> list[Row]:
                 (
                     "--batch_norm=unfused",
                     "--mixed_precision=bfloat16",
-                    "--small_map_filter_grad=onednn",
-                    "--small_map_input_grad=onednn",
+                    "--side_by_side_max_width=0",
                     "--elementwise=tensorflow",
                 ),
-            ),
-            Row(
-                "bfloat16_onednn_input_grad",
-                "bfloat16, 4x4 input gradients by oneDNN (not a matmul and col2im)",
-                "bfloat16",
-                (*BF16, "--small_map_input_grad=onednn"),
             ),
             Row(
                 "bfloat16_tf_elementwise",
@@ -99,10 +92,16 @@ def rows(cores: int, with_bf16: bool, with_amx: bool = False) -> list[Row]:
                 (*BF16, "--elementwise=tensorflow"),
             ),
             Row(
-                "bfloat16_onednn_filter_grad",
-                "bfloat16, 4x4 kernel gradients by oneDNN (not one matmul)",
+                "bfloat16_plain_narrow_maps",
+                "bfloat16, convolutions on 4x4 and 8x8 maps as oneDNN has them (not side by side)",
                 "bfloat16",
-                (*BF16, "--small_map_filter_grad=onednn"),
+                (*BF16, "--side_by_side_max_width=0"),
+            ),
+            Row(
+                "bfloat16_side_by_side_4",
+                "bfloat16, only 4x4 maps side by side (8x8 kernel gradients as oneDNN has them)",
+                "bfloat16",
+                (*BF16, "--side_by_side_max_width=4"),
             ),
             Row("bfloat16_xla", "bfloat16 + XLA", "bfloat16", (*BF16, "--jit_compile")),
             Row(

@@ -32,8 +32,8 @@ def applies(x: tf.Tensor, training: object) -> bool:
 
 def compiled(fn: Callable[..., tf.Tensor]) -> Callable[..., tf.Tensor]:
     """`fn` as one XLA-compiled function while the switch is on (read when the caller is
-    traced), as TensorFlow's own ops otherwise; for data movement that sits beside a matmul
-    (the im2col and col2im of `models.resnet`)."""
+    traced), as TensorFlow's own ops otherwise; for data movement that sits beside a
+    convolution (the side-by-side rows of `models.side_by_side`)."""
     xla = tf.function(fn, jit_compile=True, autograph=False)
 
     @functools.wraps(fn)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import tensorflow as tf
 import tf_keras as keras
 
-from models import cpu_elementwise
+from models import cpu_elementwise, side_by_side
 from models.config import BLOCKS_PER_GROUP
 from models.strategy import runs_on_cpu
 
@@ -113,142 +113,27 @@ def _conv_initializer() -> keras.initializers.Initializer:
     return keras.initializers.VarianceScaling()
 
 
-# Output maps of at most this many pixels (CIFAR's last block group: 4x4) get their kernel
-# gradient as one matmul on CPUs in bfloat16 (`Conv2D`).
-MATMUL_FILTER_GRAD_MAX_PIXELS = 16
-_matmul_filter_grad_max_pixels = MATMUL_FILTER_GRAD_MAX_PIXELS
-
-
-_matmul_input_grad = True
-
-
-def set_matmul_filter_grad_max_pixels(pixels: int) -> None:
-    """A process-wide kernel choice, like TensorFlow's own `tf.config` switches, read when a
-    step is traced: 0 leaves every kernel gradient to oneDNN (benchmarks compare the two)."""
-    global _matmul_filter_grad_max_pixels
-    _matmul_filter_grad_max_pixels = pixels
-
-
-def set_matmul_input_grad(enabled: bool) -> None:
-    """Whether those small maps' stride-1 convolutions also get their input gradient as a
-    matmul (`input_grad_as_matmul`); read when a step is traced, as the switch above."""
-    global _matmul_input_grad
-    _matmul_input_grad = enabled
-
-
-def filter_grad_as_matmul(
-    inputs: tf.Tensor, out_grad: tf.Tensor, kernel_size: int, strides: int, padding: str
-) -> tf.Tensor:
-    """dL/dkernel of a square-kernel NHWC convolution: im2col patches of `inputs` (the k*k
-    shifted, strided views, concatenated along channels in [kh, kw, cin] order) times the
-    output gradient, as one [k*k*cin, N*oh*ow] x [N*oh*ow, cout] matmul. The patches are
-    gathered by one XLA loop (`cpu_elementwise.compiled`): TensorFlow's k*k slices and their
-    concatenation cost more than the matmul."""
-    oh, ow = out_grad.shape[1], out_grad.shape[2]
-    patches = _patches(inputs, kernel_size, strides, padding, oh, ow)
-    k, cin, cout = kernel_size, inputs.shape[-1], out_grad.shape[-1]
-    grad = tf.matmul(
-        tf.reshape(patches, [-1, k * k * cin]), tf.reshape(out_grad, [-1, cout]), transpose_a=True
-    )
-    return tf.reshape(grad, [k, k, cin, cout])
-
-
-@cpu_elementwise.compiled
-def _patches(inputs: tf.Tensor, k: int, s: int, padding: str, oh: int, ow: int) -> tf.Tensor:
-    if padding == "SAME":
-        if s != 1:
-            raise ValueError("filter_grad_as_matmul: SAME padding only with stride 1")
-        before = (k - 1) // 2
-        pad = [[0, 0], [before, k - 1 - before], [before, k - 1 - before], [0, 0]]
-        inputs = tf.pad(inputs, pad)
-    views = [
-        inputs[:, i : i + s * (oh - 1) + 1 : s, j : j + s * (ow - 1) + 1 : s, :]
-        for i in range(k)
-        for j in range(k)
-    ]
-    return tf.concat(views, axis=-1) if len(views) > 1 else views[0]
-
-
-def input_grad_as_matmul(out_grad: tf.Tensor, kernel: tf.Tensor, kernel_size: int) -> tf.Tensor:
-    """dL/dinputs of a stride-1 SAME square-kernel NHWC convolution: the output gradient times
-    the transposed kernel is every output pixel's share of its k*k input pixels (one
-    [N*h*w, cout] x [cout, k*k*cin] matmul), added up in float32 (col2im), by one XLA loop
-    where the element-wise work is compiled (`cpu_elementwise`)."""
-    k, cin, cout = kernel_size, kernel.shape[2], kernel.shape[3]
-    shares = tf.matmul(
-        tf.reshape(out_grad, [-1, cout]), tf.reshape(kernel, [k * k * cin, cout]), transpose_b=True
-    )
-    return _col2im(shares, k, out_grad.shape[1], out_grad.shape[2], cin)
-
-
-@cpu_elementwise.compiled
-def _col2im(shares: tf.Tensor, k: int, h: int, w: int, cin: int) -> tf.Tensor:
-    wide = tf.cast(tf.reshape(shares, [-1, h, w, k, k, cin]), tf.float32)
-    total = tf.add_n(
-        [
-            tf.pad(wide[:, :, :, i, j, :], [[0, 0], [i, k - 1 - i], [j, k - 1 - j], [0, 0]])
-            for i in range(k)
-            for j in range(k)
-        ]
-    )
-    before = (k - 1) // 2
-    return tf.cast(total[:, before : before + h, before : before + w, :], shares.dtype)
-
-
 class Conv2D(keras.layers.Conv2D):
-    """Keras' Conv2D (same variables, same forward op) whose gradients on small bfloat16 output
-    maps on a CPU are matmuls instead of oneDNN's backward convolutions: the kernel gradient
-    always, the input gradient where the stride is 1.
-
-    oneDNN's AMX backward kernels are slow on 4x4 maps: for CIFAR ResNet-18 in bfloat16 the
-    weight gradient of three 512-channel 4x4 convolutions took more than a quarter of the step,
-    and the same gradient as a matmul ran 4x faster; their input gradient as a matmul and a
-    col2im takes half the time of oneDNN's (docs/benchmarks.md, "The bfloat16 step"). From 8x8
-    on the convolutions are as fast or faster. GPUs and TPUs keep their own kernels.
-    """
+    """Keras' Conv2D (same variables, same outputs) that, in bfloat16 on a CPU, computes
+    convolutions on narrow maps over the images laid side by side (`models.side_by_side`):
+    oneDNN's AMX kernels are slow on rows of 4 or 8 pixels. GPUs and TPUs keep their kernels."""
 
     def convolution_op(self, inputs: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
-        k, s = self.kernel_size[0], self.strides[0]
-        padding = self.padding.upper()
-        out = _output_pixels(inputs.shape, k, s, padding)
         if (
-            inputs.dtype != tf.bfloat16
-            or out is None
-            or out > _matmul_filter_grad_max_pixels
-            or self.kernel_size[0] != self.kernel_size[1]
-            or self.strides[0] != self.strides[1]
-            or self.dilation_rate != (1, 1)
-            or not runs_on_cpu()
+            inputs.dtype == tf.bfloat16
+            and self.kernel_size[0] == self.kernel_size[1]
+            and self.strides[0] == self.strides[1]
+            and self.dilation_rate == (1, 1)
+            and runs_on_cpu()
         ):
-            return super().convolution_op(inputs, kernel)
-
-        @tf.custom_gradient
-        def conv(x: tf.Tensor, w: tf.Tensor):
-            y = tf.nn.conv2d(x, w, s, padding)
-
-            def grad(dy: tf.Tensor):
-                if _matmul_input_grad and s == 1 and padding == "SAME":
-                    dx = input_grad_as_matmul(dy, w, k)
-                else:
-                    dx = tf.compat.v1.nn.conv2d_backprop_input(
-                        tf.shape(x), w, dy, [1, s, s, 1], padding
-                    )
-                return dx, filter_grad_as_matmul(x, dy, k, s, padding)
-
-            return y, grad
-
-        # A tensor (the variable read and cast to bfloat16), so the gradient reaches the
-        # variable through that cast rather than being asked of the custom gradient.
-        return conv(inputs, tf.convert_to_tensor(kernel))
-
-
-def _output_pixels(shape: tf.TensorShape, k: int, s: int, padding: str) -> int | None:
-    h, w = shape[1], shape[2]
-    if h is None or w is None:
-        return None
-    if padding == "SAME":
-        return -(-h // s) * -(-w // s)
-    return ((h - k) // s + 1) * ((w - k) // s + 1)
+            lay = side_by_side.layout(
+                inputs.shape, self.kernel_size[0], self.strides[0], self.padding.upper()
+            )
+            if lay is not None:
+                # A tensor (the variable read and cast to bfloat16), so the gradient reaches the
+                # variable through that cast rather than being asked of the custom gradient.
+                return side_by_side.conv2d(inputs, tf.convert_to_tensor(kernel), lay)
+        return super().convolution_op(inputs, kernel)
 
 
 class FixedPaddingConv2D(keras.layers.Layer):

@@ -13,6 +13,17 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 CIFAR_DIR = REPO_ROOT.parent / "shared" / "data" / "cifar10"
 
 
+@pytest.fixture(autouse=True)
+def _float32_policy_after_each_test():
+    """A test that runs a job in-process (a Trainer, a benchmark's main) leaves Keras' global
+    precision policy as the job set it, bfloat16 on an AMX CPU; the next test starts from
+    Keras' default, whichever CPU the suite lands on."""
+    yield
+    import tf_keras
+
+    tf_keras.mixed_precision.set_global_policy("float32")
+
+
 @pytest.fixture(scope="session")
 def cifar_dir() -> pathlib.Path:
     if not CIFAR_DIR.is_dir():

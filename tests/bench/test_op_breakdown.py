@@ -63,7 +63,7 @@ def test_summary_splits_the_step_into_its_parts():
     parts = s["categories"]
     assert parts["convolution forward"] == pytest.approx(5.0)
     assert parts["convolution kernel gradients"] == pytest.approx(4.0)
-    assert parts["XLA-compiled functions (element-wise, im2col, col2im)"] == pytest.approx(
+    assert parts["XLA-compiled functions (element-wise, side-by-side rows)"] == pytest.approx(
         (12 + 5) / 2
     )
     assert parts[ob.OTHER] == pytest.approx((8 + 2) / 2)  # the ReLU and the multiply

@@ -131,9 +131,9 @@ def test_amx_cpus_get_the_bfloat16_rows_of_both_settings():
     added = set(amx) - plain
     assert added == {
         "reference_bfloat16",
-        "bfloat16_onednn_input_grad",
         "bfloat16_tf_elementwise",
-        "bfloat16_onednn_filter_grad",
+        "bfloat16_plain_narrow_maps",
+        "bfloat16_side_by_side_4",
         "bfloat16_xla",
         "fpmath_bf16",
         "onednn_amp",
@@ -142,8 +142,7 @@ def test_amx_cpus_get_the_bfloat16_rows_of_both_settings():
     assert "--mixed_precision=bfloat16" in amx["reference_bfloat16"].flags
     # The reference's bfloat16 step has none of this project's kernel choices.
     assert {
-        "--small_map_filter_grad=onednn",
-        "--small_map_input_grad=onednn",
+        "--side_by_side_max_width=0",
         "--elementwise=tensorflow",
     } <= set(amx["reference_bfloat16"].flags)
     assert dict(amx["fpmath_bf16"].env) == {"TF_SET_ONEDNN_FPMATH_MODE": "BF16"}

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from models import cpu_elementwise, resnet
+from models import cpu_elementwise, side_by_side
 from models.resnet import (
     BATCH_NORM_EPSILON,
     ENDPOINTS,
@@ -399,127 +399,15 @@ def test_fine_tune_after_block_4_freezes_everything_and_minus_1_nothing():
     assert len(full.trainable_variables) == len(full.variables) - len(bn_moving)
 
 
-@pytest.mark.parametrize(
-    ("size", "kernel", "strides", "padding"),
-    [(4, 3, 1, "SAME"), (10, 3, 2, "VALID"), (8, 1, 2, "VALID"), (5, 3, 1, "SAME")],
-)
-def test_kernel_gradient_as_matmul_matches_the_convolutions(size, kernel, strides, padding):
-    rng = np.random.default_rng(size + kernel)
-    x = tf.constant(rng.normal(size=(3, size, size, 5)), tf.float32)
-    w = tf.Variable(rng.normal(size=(kernel, kernel, 5, 7)).astype(np.float32))
-    with tf.GradientTape() as tape:
-        y = tf.nn.conv2d(x, w, strides, padding)
-    dy = tf.constant(rng.normal(size=y.shape), tf.float32)
-    expected = tape.gradient(y, w, output_gradients=dy)
-    got = resnet.filter_grad_as_matmul(x, dy, kernel, strides, padding)
-    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
-
-
-def _numpy_input_grad(dy: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """dL/dx of a stride-1 SAME convolution: each output pixel sends dy @ w[i, j].T to the input
-    pixel at offset (i, j) of its window; the window starts (k - 1) // 2 before it."""
-    n, h, width, _ = dy.shape
-    k = w.shape[0]
-    dx = np.zeros((n, h + k - 1, width + k - 1, w.shape[2]))
-    for i in range(k):
-        for j in range(k):
-            dx[:, i : i + h, j : j + width, :] += dy @ w[i, j].T
-    before = (k - 1) // 2
-    return dx[:, before : before + h, before : before + width, :]
-
-
-@pytest.mark.parametrize(("size", "kernel"), [(4, 3), (5, 3), (4, 1), (4, 2)])
-def test_input_gradient_as_matmul_matches_numpy(size, kernel):
-    rng = np.random.default_rng(size + kernel)
-    dy = rng.normal(size=(3, size, size, 7)).astype(np.float32)
-    w = rng.normal(size=(kernel, kernel, 5, 7)).astype(np.float32)
-    got = resnet.input_grad_as_matmul(tf.constant(dy), tf.constant(w), kernel)
-    np.testing.assert_allclose(got.numpy(), _numpy_input_grad(dy, w), rtol=1e-4, atol=1e-4)
-
-
-def _bf16_input_grad(matmul: bool) -> tuple[np.ndarray, set[str]]:
-    """dL/dx of the project's stride-1 Conv2D on a 4x4 bfloat16 map, and its graph's op types."""
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    keras.utils.set_random_seed(7)
-    resnet.set_matmul_input_grad(matmul)
-    try:
-        conv = FixedPaddingConv2D(16, 3, 1)
-        x = tf.cast(tf.constant(np.random.default_rng(2).normal(size=(4, 4, 4, 8))), tf.bfloat16)
-        conv(x)
-
-        @tf.function
-        def step(x):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                loss = tf.reduce_sum(tf.cast(conv(x), tf.float32) ** 2)
-            return tape.gradient(loss, x)
-
-        graph = step.get_concrete_function(x).graph
-        ops = {op.type for op in graph.get_operations()}
-        for f in graph._functions.values():  # the custom gradient's function body
-            ops |= {node.op for node in f.definition.node_def}
-        return tf.cast(step(x), tf.float32).numpy(), ops
-    finally:
-        resnet.set_matmul_input_grad(True)
-        keras.mixed_precision.set_global_policy("float32")
-
-
-@pytest.mark.skipif(bool(tf.config.list_logical_devices("GPU")), reason="a GPU is visible")
-def test_small_bfloat16_maps_get_their_input_gradient_as_one_matmul():
-    got, ops = _bf16_input_grad(matmul=True)
-    expected, onednn_ops = _bf16_input_grad(matmul=False)
-    assert "Conv2DBackpropInput" not in ops and "Conv2DBackpropInput" in onednn_ops
-    np.testing.assert_allclose(got, expected, rtol=0.02, atol=0.02 * np.abs(expected).max())
-
-
-def _bf16_conv_step(size: int, strides: int) -> tuple[tf.Tensor, set[str]]:
-    """The kernel gradient of the project's Conv2D in bfloat16 and the op types of its graph."""
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    keras.utils.set_random_seed(7)  # the same kernel in every call
-    try:
-        conv = FixedPaddingConv2D(16, 3, strides)
-        x = tf.constant(np.random.default_rng(1).normal(size=(4, size, size, 8)), tf.float32)
-        conv(x)
-
-        @tf.function
-        def step(x):
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_sum(tf.cast(conv(x), tf.float32) ** 2)
-            return tape.gradient(loss, conv.trainable_variables)[0]
-
-        graph = step.get_concrete_function(x).graph
-        ops = {op.type for op in graph.get_operations()}
-        for f in graph._functions.values():  # the custom gradient's function body
-            ops |= {node.op for node in f.definition.node_def}
-        return step(x), ops
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-
-
-@pytest.mark.skipif(bool(tf.config.list_logical_devices("GPU")), reason="a GPU is visible")
-def test_small_bfloat16_maps_get_their_kernel_gradient_as_one_matmul():
-    small, small_ops = _bf16_conv_step(8, 2)  # 4x4 output
-    large, large_ops = _bf16_conv_step(8, 1)  # 8x8 output: oneDNN's own kernel
-    assert "Conv2DBackpropFilter" not in small_ops and {"MatMul", "BatchMatMulV2"} & small_ops
-    assert "Conv2DBackpropFilter" in large_ops
-    # The same gradient as the convolution's, within bfloat16 rounding.
-    resnet.set_matmul_filter_grad_max_pixels(0)
-    try:
-        reference, reference_ops = _bf16_conv_step(8, 2)
-    finally:
-        resnet.set_matmul_filter_grad_max_pixels(resnet.MATMUL_FILTER_GRAD_MAX_PIXELS)
-    assert "Conv2DBackpropFilter" in reference_ops
-    np.testing.assert_allclose(
-        small.numpy(), reference.numpy(), rtol=0.02, atol=0.02 * np.abs(reference).max()
-    )
-
-
-def _bf16_backbone_step(depth: int, compiled: bool, training: bool) -> tuple[list, int]:
+def _bf16_backbone_step(
+    depth: int, compiled: bool, training: bool, side_by_side_width: int = side_by_side.MAX_WIDTH
+) -> tuple[list, int]:
     """Gradients of a tiny bfloat16 backbone's pooled output, and how many XLA-compiled
     functions its traced step calls."""
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     keras.utils.set_random_seed(3)  # the same weights in every call
     cpu_elementwise.set_enabled(compiled)
+    side_by_side.set_max_width(side_by_side_width)
     try:
         model = ResNet(depth=depth, width_multiplier=0.125, cifar_stem=True)
         images = _images(4, 8)
@@ -535,7 +423,6 @@ def _bf16_backbone_step(depth: int, compiled: bool, training: bool) -> tuple[lis
             with tf.GradientTape() as tape:
                 pooled = model(images, training=training)["final_avg_pool"]
                 loss = tf.reduce_sum(tf.cast(pooled, tf.float32) ** 2)
-            # Inference has no gradient; the kernel-gradient matmuls compile their own patches.
             return tape.gradient(loss, model.trainable_variables) if training else [loss]
 
         library = step.get_concrete_function(images).graph.as_graph_def().library
@@ -543,6 +430,7 @@ def _bf16_backbone_step(depth: int, compiled: bool, training: bool) -> tuple[lis
         return [g.numpy() for g in step(images)], xla
     finally:
         cpu_elementwise.set_enabled(True)
+        side_by_side.set_max_width(side_by_side.MAX_WIDTH)
         keras.mixed_precision.set_global_policy("float32")
 
 
@@ -552,7 +440,8 @@ def test_bfloat16_training_compiles_the_blocks_elementwise_work_with_the_same_gr
     compiled, compiled_fns = _bf16_backbone_step(depth, compiled=True, training=True)
     plain, plain_fns = _bf16_backbone_step(depth, compiled=False, training=True)
     assert compiled_fns > 0 and plain_fns == 0
-    assert _bf16_backbone_step(depth, compiled=True, training=False)[1] == 0  # inference: as is
+    # Inference keeps TensorFlow's element-wise ops (narrow maps aside, models.side_by_side).
+    assert _bf16_backbone_step(depth, compiled=True, training=False, side_by_side_width=0)[1] == 0
     for got, expected in zip(compiled, plain, strict=True):
         scale = max(np.abs(expected).max(), 1e-6)
         np.testing.assert_allclose(got, expected, rtol=0.02, atol=0.02 * scale)
