@@ -1,14 +1,14 @@
 """Convolutions on narrow maps, computed over the images laid side by side.
 
 oneDNN's AMX convolution kernels work along rows of output pixels, and the rows of a 4x4 map are
-too short for them: in the CIFAR ResNet-18 bfloat16 step a 512-channel 3x3 convolution on 4x4
-maps took 3x the time of the same work on 8x8 maps, and its kernel gradient 6x; kernel gradients
-on 8x8 maps still took 1.6x those of the same work laid side by side (docs/benchmarks.md, "The
-bfloat16 step"). Laying g images next to each other along the width, with the zero columns the
-padding needs between them, gives oneDNN rows g times as long for the price of those columns,
-and is exact: every output pixel sums the same products as the plain convolution. The
-rearrangement is one XLA loop (`cpu_elementwise.compiled`) each way.
-"""
+too short for them: in the CIFAR ResNet-18 bfloat16 step each direction of a 512-channel 3x3
+convolution on 4x4 maps took 2-3x the time of the same work on 8x8 maps. Laid side by side, the
+4x4 forward pass and input gradient took half the time and the kernel gradient a quarter, and
+the 8x8 kernel gradient two thirds (docs/benchmarks.md, "Narrow maps side by side"). Laying g
+images next to each other along the width, with the zero columns the padding needs between
+them, gives oneDNN rows g times as long for the price of those columns, and is exact: every
+output pixel sums the same products as the plain convolution. The rearrangement is one XLA
+loop (`cpu_elementwise.compiled`) each way."""
 
 import dataclasses
 
