@@ -60,7 +60,7 @@ def layout(shape: tf.TensorShape, kernel: int, stride: int, padding: str) -> Lay
     not pay or does not fit (an unknown batch, a map too wide, few channels, one image a
     step)."""
     n, w = shape[0], shape[2]
-    if n is None or w is None or shape[3] < MIN_CHANNELS:
+    if n is None or w is None or shape[3] is None or shape[3] < MIN_CHANNELS:
         return None
     if padding == "SAME":
         # Stride 1 and an odd kernel: the (k - 1) / 2 zero columns after each image are the right
