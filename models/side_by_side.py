@@ -118,24 +118,19 @@ def conv2d(inputs: tf.Tensor, kernel: tf.Tensor, lay: Layout) -> tf.Tensor:
                 strides=strides,
                 padding=pad,
             )
-            if lay.whole:
-                dx_rows = tf.raw_ops.Conv2DBackpropInput(
-                    input_sizes=rows.shape.as_list(),
-                    filter=w,
-                    out_backprop=dy_rows,
-                    strides=strides,
-                    padding=pad,
-                )
-                dx = from_rows(dx_rows, lay.g, lay.block, x.shape[2], lay.tail)
-            else:
-                dx = tf.raw_ops.Conv2DBackpropInput(
-                    input_sizes=x.shape.as_list(),
-                    filter=w,
-                    out_backprop=dy,
-                    strides=strides,
-                    padding=pad,
-                )
-            return dx, dw
+            if not lay.whole:
+                return input_grad(x, dy), dw
+            dx_rows = input_grad(rows, dy_rows)
+            return from_rows(dx_rows, lay.g, lay.block, x.shape[2], lay.tail), dw
+
+        def input_grad(like: tf.Tensor, out_grad: tf.Tensor) -> tf.Tensor:
+            return tf.raw_ops.Conv2DBackpropInput(
+                input_sizes=like.shape.as_list(),
+                filter=w,
+                out_backprop=out_grad,
+                strides=strides,
+                padding=pad,
+            )
 
         return y, grad
 
