@@ -81,6 +81,7 @@ def conv_pairs(batch: int, h: int, c: int) -> dict[str, tuple]:
     if lay is None:
         raise ValueError(f"{h}x{h}x{c} at batch {batch} cannot be laid side by side")
     strides = [1, 1, 1, 1]
+    row_width = lay.g * lay.block + lay.tail
 
     def rows(t):
         return side_by_side.to_rows(t, lay.g, lay.block, lay.tail)
@@ -106,7 +107,7 @@ def conv_pairs(batch: int, h: int, c: int) -> dict[str, tuple]:
         ),
         f"{h}x{h}x{c} input gradient": (
             lambda dy, w: input_grad(dy, w, [batch, h, h, c]),
-            lambda dy, w: unrows(input_grad(rows(dy), w, rows(dy).shape.as_list())),
+            lambda dy, w: unrows(input_grad(rows(dy), w, [batch // lay.g, h, row_width, c])),
             (dy, w),
         ),
         f"{h}x{h}x{c} kernel gradient": (
